@@ -1,0 +1,1 @@
+"""vfmbench first-party plugins."""
