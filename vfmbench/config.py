@@ -114,6 +114,7 @@ class ProbeConfig:
 
 @dataclass
 class MetricsConfig:
+    names: list[str] = field(default_factory=list)  # [] = every registered metric of each family
     inception_weights: str = ""  # torch-fidelity Inception file; default: $TORCH_HOME/hub/checkpoints
     batch_size: int = 64
     recon_images: int = 50000  # val images reconstructed for rFID / PSNR
@@ -130,6 +131,9 @@ class RunConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # Per-component default arguments, keyed by component name (presets use this so that e.g.
+    # --tokenizer kl-vae picks up the preset's kl-vae sizes); ``<section>.args`` wins over it.
+    component_args: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

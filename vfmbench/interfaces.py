@@ -69,6 +69,7 @@ class Phase:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 0.0
+    ema: bool = True  # keep an EMA of these parameters (off for a discriminator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,8 +108,10 @@ class Tokenizer(nn.Module, abc.ABC):
     spec: TokenizerSpec
     weights_id: str = "trained"
 
-    def __init__(self, latent_channels: int):
+    def __init__(self, latent_channels: int, downsample: int):
         super().__init__()
+        self.latent_channels = latent_channels
+        self.downsample = downsample
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
 
@@ -130,6 +133,10 @@ class Tokenizer(nn.Module, abc.ABC):
         ...
 
     # -- shared --
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        g = resolution // self.downsample
+        return (self.latent_channels, g, g)
+
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 -> uint8 through a posterior sample (as the peers' reconstruction protocol)."""
         return to_uint8(self.decode(self.encode(images).sample(generator)))

@@ -1,0 +1,232 @@
+"""Command line: ``vfmbench plugins | list | run | sweep | leaderboard``.
+
+Bad input (unknown names, unknown config keys, wrong types, missing files or weights) prints
+what is wrong and how to fix it, writes nothing, and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+LIST_KINDS = ("tokenizers", "vfms", "decoders", "diffusion", "datasets", "metrics", "presets")
+DEFAULT_PRESET = "smoke"
+
+
+def _host(args):
+    from .plugins import get_plugin_manager
+
+    extra = []
+    if getattr(args, "plugins_dir", None):
+        extra = _load_plugins_dir(Path(args.plugins_dir))
+    return get_plugin_manager(extra_plugins=extra)
+
+
+def _load_plugins_dir(folder: Path) -> list[tuple[str, Any]]:
+    import importlib.util
+
+    if not folder.is_dir():
+        raise UserError(f"--plugins-dir {str(folder)!r} is not a folder")
+    out = []
+    for f in sorted(folder.glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"vfmbench_local_{f.stem}", f)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        out.append((f.stem.replace("_", "-"), mod))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# plugins / list
+
+
+def cmd_plugins(args) -> int:
+    host = _host(args)
+    items = [dataclasses.asdict(p) for _, p in sorted(host.plugins.items())]
+    if args.json:
+        print(json.dumps(items, indent=2))
+    else:
+        from tabulate import tabulate
+
+        rows = [[p["name"], p["version"], p["distribution"], ", ".join(p["hooks"]),
+                 "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(p["components"].items()))] for p in items]
+        print(tabulate(rows, headers=["plugin", "version", "distribution", "hooks", "components"], tablefmt="github"))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from tabulate import tabulate
+
+    host = _host(args)
+    reg = host[args.kind]
+    if args.kind == "vfms":
+        from .vfm import vfm_param_count
+
+        rows = []
+        for s in reg:
+            rows.append([s.name, ", ".join(s.aliases), s.library, s.patch_size, s.resolution, s.width, s.depth,
+                         f"{vfm_param_count(s) / 1e6:.1f}M", s.license, s.description])
+        headers = ["name", "aliases", "library", "patch", "res", "width", "depth", "params", "licence", "description"]
+    elif args.kind == "metrics":
+        rows = [[s.name, s.family, "↑" if s.higher_is_better else "↓", s.inputs, f"{s.extractor}/{s.feature}".strip("/"),
+                 ", ".join(s.protocol_fields), s.description] for s in reg]
+        headers = ["name", "family", "better", "inputs", "features", "protocol fields", "description"]
+    elif args.kind == "tokenizers":
+        rows = [[s.name, f"f{s.downsample}d{s.latent_channels}", "yes" if s.uses_vfm else "no", s.default_decoder or "fixed", s.description] for s in reg]
+        headers = ["name", "latent", "frozen VFM", "decoder", "description"]
+    else:
+        rows = [[s.name, ", ".join(s.aliases), s.version, s.description] for s in reg]
+        headers = ["name", "aliases", "version", "description"]
+    print(tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# run / sweep
+
+
+def resolve_run_config(host, preset: str | None, config_file: str | None, sets: list[str], flags: dict[str, str | None]):
+    from .config import load_yaml, parse_set, resolve
+
+    preset_spec = host.presets.get(preset or DEFAULT_PRESET)
+    layers: list[dict] = [dict(preset_spec.values)]
+    if config_file:
+        layers.append(load_yaml(config_file))
+    flag_keys = {"tokenizer": ("tokenizer", "name"), "vfm": ("vfm", "name"), "decoder": ("decoder", "name"),
+                 "diffusion": ("diffusion", "name"), "dataset": ("data", "dataset"), "out": ("run", "out")}
+    for flag, value in flags.items():
+        if value is not None:
+            section, key = flag_keys[flag]
+            layers.append({section: {key: value}})
+    for s in sets:
+        layers.append(parse_set(s))
+    return resolve(layers)
+
+
+def _stages(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def cmd_run(args) -> int:
+    host = _host(args)
+    sets = list(args.set or [])
+    if args.stages is not None:
+        sets.append(f"run.stages={json.dumps(_stages(args.stages))}")
+    cfg = resolve_run_config(host, args.preset, args.config, sets, {
+        "tokenizer": args.tokenizer, "vfm": args.vfm, "decoder": args.decoder, "diffusion": args.diffusion,
+        "dataset": args.dataset, "out": args.out})
+    if args.dry_run:
+        from .dryrun import dry_run
+
+        report = dry_run(host, cfg)
+        if args.json:
+            print(json.dumps(report, indent=2, sort_keys=True))
+        else:
+            from .dryrun import format_report
+
+            print(format_report(report))
+        return 0
+    from .runner import Run
+
+    if cfg.run.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.run.num_threads)
+    run = Run.prepare(host, cfg)
+    run.execute()
+    print(run.run_dir)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    host = _host(args)
+    return run_sweep(host, Path(args.file), out=args.out, dry_run=args.dry_run)
+
+
+def cmd_leaderboard(args) -> int:
+    from .checkpoint import write_text
+    from .leaderboard import collect_rows, render
+
+    paths = args.paths or ["runs"]
+    rows = collect_rows(paths)
+    out = Path(args.out) if args.out else None
+    text = render(rows, title=args.title, link_base=out.parent if out else Path.cwd())
+    if out:
+        write_text(out, text)
+        print(out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vfmbench", description="Benchmark visual tokenizers of latent diffusion models.")
+    p.add_argument("--plugins-dir", help="load every *.py in this folder as a plugin (one-off plugins)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("plugins", help="list loaded plugins, their hooks and components")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_plugins)
+
+    sp = sub.add_parser("list", help="list registered components of one kind")
+    sp.add_argument("kind", choices=LIST_KINDS)
+    sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("run", help="train and evaluate one combination")
+    sp.add_argument("--preset", help=f"named configuration (default: {DEFAULT_PRESET})")
+    sp.add_argument("--tokenizer")
+    sp.add_argument("--vfm")
+    sp.add_argument("--decoder")
+    sp.add_argument("--diffusion")
+    sp.add_argument("--dataset")
+    sp.add_argument("--config", help="YAML file composed over the preset")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable), e.g. data.resolution=128")
+    sp.add_argument("--out", help="parent folder of run directories (default: runs)")
+    sp.add_argument("--stages", help="comma-separated subset of: tokenizer,recon-eval,latents,probe,diffusion,sample,gen-eval,results")
+    sp.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, build no weights, train nothing")
+    sp.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("sweep", help="run a matrix of combinations from a YAML file, one after another")
+    sp.add_argument("file")
+    sp.add_argument("--out", help="parent folder of run directories (overrides the file)")
+    sp.add_argument("--dry-run", action="store_true")
+    sp.set_defaults(func=cmd_sweep)
+
+    sp = sub.add_parser("leaderboard", help="render markdown leaderboards from run directories or result files")
+    sp.add_argument("paths", nargs="*", help="run directories, folders of runs, results .jsonl or published .yaml (default: runs)")
+    sp.add_argument("--out", help="write to this file instead of stdout")
+    sp.add_argument("--title", default="vfmbench leaderboard")
+    sp.set_defaults(func=cmd_leaderboard)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"vfmbench: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("vfmbench: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""``vfmbench run --dry-run``: the resolved config and every component's parameter counts,
+built on the meta device (no weights are read or downloaded, nothing is trained or written)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .build import BuildContext, build_diffusion, build_tokenizer, decoder_name, param_counts
+from .config import RunConfig
+from .plugins import Host
+
+
+def dry_run(host: Host, cfg: RunConfig) -> dict[str, Any]:
+    from .runner import run_name, validate
+
+    validate(host, cfg)
+    tok_spec = host.tokenizers.get(cfg.tokenizer.name)
+    ctx = BuildContext(host=host, config=cfg, meta=True)
+    with torch.device("meta"):
+        tok = build_tokenizer(ctx)
+        latent_shape = tok.latent_shape(cfg.data.resolution)
+        ds = host.datasets.get(cfg.data.dataset)
+        diff = build_diffusion(host, cfg, latent_shape, ds.num_classes or 1000)
+    components: dict[str, Any] = {"tokenizer": {"name": tok_spec.name, "version": tok_spec.version, **param_counts(tok)}}
+    vfm_params = 0
+    if tok_spec.uses_vfm:
+        vfm = ctx.vfm()
+        vfm_params = sum(p.numel() for p in vfm.parameters())
+        components["vfm"] = {"name": vfm.spec.name, "version": vfm.spec.version, "total": vfm_params, "trainable": 0}
+    dec_name = decoder_name(host, cfg)
+    decoder = getattr(tok, "decoder", None)
+    if dec_name and decoder is not None:
+        components["decoder"] = {"name": dec_name, "version": host.decoders.get(dec_name).version, **param_counts(decoder)}
+    components["tokenizer"]["trainable_excluding_vfm"] = components["tokenizer"]["trainable"]
+    components["diffusion"] = {"name": host.diffusion.get(cfg.diffusion.name).name, **param_counts(diff)}
+    return {
+        "run_name": run_name(host, cfg),
+        "latent_shape": list(latent_shape),
+        "components": components,
+        "config": cfg.to_dict(),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    import yaml
+
+    lines = [f"run directory: {report['run_name']}", f"latent shape: {report['latent_shape']}", "", "parameters:"]
+    for kind, c in report["components"].items():
+        lines.append(f"  {kind:<10} {c['name']:<24} total {c['total']:>14,}   trainable {c['trainable']:>14,}")
+    lines += ["", "resolved config:", yaml.safe_dump(report["config"], sort_keys=False).rstrip()]
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""The one training loop: counted in images, EMA by half-life in images, atomic checkpoints,
+resume by re-running the same command (model, EMA, optimisers, RNG and data position)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import load_torch, save_torch
+from .interfaces import Phase
+
+
+class IndexStream:
+    """Deterministic, resumable stream of index batches over ``n`` items.
+
+    Epoch ``e`` is a permutation drawn from ``seed`` and ``e``; the batch that starts at image
+    ``nimg`` is the same whether the run was interrupted or not.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n <= 0:
+            raise ValueError("cannot train on an empty dataset")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def batch(self, nimg: int) -> torch.Tensor:
+        out = []
+        pos = nimg
+        while len(out) < self.batch_size:
+            epoch, off = divmod(pos, self.n)
+            take = min(self.batch_size - len(out), self.n - off)
+            out.extend(self._permutation(epoch)[off : off + take].tolist())
+            pos += take
+        return torch.tensor(out, dtype=torch.long)
+
+
+def ema_beta(batch_size: int, halflife_images: float) -> float:
+    """Per-step EMA decay so that the weight of an update halves every ``halflife_images`` images."""
+    if halflife_images <= 0:
+        return 0.0
+    return 0.5 ** (batch_size / halflife_images)
+
+
+@dataclass
+class TrainResult:
+    nimg: int
+    steps: int
+    skipped_steps: int
+    seconds: float
+    resumed_from: int
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(module: nn.Module, phases: list[Phase]) -> dict[str, torch.Tensor]:
+    """State of ``module`` without its frozen parameters (a frozen VFM is not checkpointed)."""
+    trainable = {id(p) for ph in phases for p in ph.params}
+    frozen_names = {n for n, p in module.named_parameters() if id(p) not in trainable}
+    return {k: v for k, v in module.state_dict().items() if k not in frozen_names}
+
+
+def train_loop(
+    module: nn.Module,
+    phases: list[Phase],
+    get_batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    num_items: int,
+    *,
+    total_images: int,
+    batch_size: int,
+    ckpt_path: Path,
+    seed: int,
+    ema_halflife_images: float = 0.0,
+    ckpt_every_images: int = 0,
+    log_every_images: int = 0,
+    log_path: Path | None = None,
+    desc: str = "train",
+    max_loss_jump: float = 0.0,
+) -> TrainResult:
+    """Train ``module`` for ``total_images`` images.
+
+    ``get_batch(indices)`` returns (inputs, labels) on the module's device. Each step runs every
+    phase: ``loss, logs = module.phase_loss(phase.name, inputs, labels, nimg)``, backward, optional
+    clipping, optimiser step. A step whose loss is non-finite (or, with ``max_loss_jump`` > 0, more
+    than that factor above the previous step's) is skipped and counted. The checkpoint at
+    ``ckpt_path`` is written atomically every ``ckpt_every_images`` and at the end; when it exists
+    the loop resumes from it. At the end the EMA weights (if any) are copied into the module.
+    """
+    optimisers = [
+        torch.optim.AdamW(ph.params, lr=ph.lr, betas=ph.betas, weight_decay=ph.weight_decay) for ph in phases
+    ]
+    ema_params = [p for ph in phases if ph.ema for p in ph.params]
+    beta = ema_beta(batch_size, ema_halflife_images)
+    ema = [p.detach().clone() for p in ema_params] if beta > 0 else []
+    nimg, steps, skipped, prev_loss = 0, 0, 0, {}
+    resumed_from = 0
+    if ckpt_path.exists():
+        ck = load_torch(ckpt_path)
+        missing, unexpected = module.load_state_dict(ck["module"], strict=False)
+        if unexpected:
+            raise RuntimeError(f"checkpoint {ckpt_path} has keys this model lacks: {unexpected[:5]}")
+        for opt, sd in zip(optimisers, ck["optimisers"]):
+            opt.load_state_dict(sd)
+        for e, v in zip(ema, ck["ema"]):
+            e.copy_(v)
+        nimg, steps, skipped, prev_loss = ck["nimg"], ck["steps"], ck["skipped"], ck["prev_loss"]
+        _set_rng_state(ck["rng"])
+        resumed_from = nimg
+
+    def save() -> None:
+        save_torch(
+            {
+                "module": trainable_state(module, phases),
+                "optimisers": [o.state_dict() for o in optimisers],
+                "ema": ema,
+                "nimg": nimg,
+                "steps": steps,
+                "skipped": skipped,
+                "prev_loss": prev_loss,
+                "rng": _rng_state(),
+            },
+            ckpt_path,
+        )
+
+    stream = IndexStream(num_items, batch_size, seed)
+    log_every = log_every_images or max(batch_size, total_images // 100)
+    next_log = (nimg // log_every + 1) * log_every
+    next_ckpt = (nimg // ckpt_every_images + 1) * ckpt_every_images if ckpt_every_images else math.inf
+    log_file = open(log_path, "a") if log_path is not None else None
+    t0 = time.time()
+    module.train()
+    bar = tqdm(total=total_images, initial=nimg, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+    try:
+        while nimg < total_images:
+            inputs, labels = get_batch(stream.batch(nimg))
+            logs: dict[str, float] = {}
+            for ph, opt in zip(phases, optimisers):
+                opt.zero_grad(set_to_none=True)
+                loss, phase_logs = module.phase_loss(ph.name, inputs, labels, nimg)
+                value = float(loss.detach())
+                jump = max_loss_jump > 0 and ph.name in prev_loss and value > max_loss_jump * max(prev_loss[ph.name], 1e-8)
+                if not math.isfinite(value) or jump:
+                    skipped += 1
+                    logs[f"{ph.name}/skipped"] = 1.0
+                    continue
+                loss.backward()
+                if ph.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(ph.params, ph.grad_clip)
+                opt.step()
+                prev_loss[ph.name] = value
+                logs.update({f"{ph.name}/{k}": v for k, v in phase_logs.items()})
+                logs[f"{ph.name}/loss"] = value
+            if ema:
+                with torch.no_grad():
+                    for e, p in zip(ema, ema_params):
+                        e.lerp_(p.detach(), 1.0 - beta)
+            nimg += batch_size
+            steps += 1
+            bar.update(batch_size)
+            if nimg >= next_log or nimg >= total_images:
+                next_log += log_every
+                if log_file is not None:
+                    log_file.write(json.dumps({"nimg": nimg, "step": steps, **logs}) + "\n")
+                    log_file.flush()
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("/loss")})
+            if nimg >= next_ckpt and nimg < total_images:
+                next_ckpt += ckpt_every_images
+                save()
+        save()
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    if ema:
+        with torch.no_grad():
+            for p, e in zip(ema_params, ema):
+                p.copy_(e)
+    module.eval()
+    return TrainResult(nimg=nimg, steps=steps, skipped_steps=skipped, seconds=time.time() - t0, resumed_from=resumed_from)
