@@ -15,7 +15,10 @@ from .plugins import Host
 
 
 def default_cache_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run.cache_dir).expanduser() if cfg.run.cache_dir else Path("~/.cache/vfmbench").expanduser()
+    """``run.cache_dir``, else ``$VFMBENCH_CACHE_DIR``, else ``~/.cache/vfmbench``."""
+    import os
+
+    return Path(cfg.run.cache_dir or os.environ.get("VFMBENCH_CACHE_DIR") or "~/.cache/vfmbench").expanduser()
 
 
 def resolve_device(name: str) -> torch.device:
