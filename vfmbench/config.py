@@ -116,6 +116,7 @@ class ProbeConfig:
 class MetricsConfig:
     names: list[str] = field(default_factory=list)  # [] = every registered metric of each family
     inception_weights: str = ""  # torch-fidelity Inception file; default: $TORCH_HOME/hub/checkpoints
+    lpips_weights: str = ""  # torchvision VGG16 file for LPIPS; default: $TORCH_HOME/hub/checkpoints
     batch_size: int = 64
     recon_images: int = 50000  # val images reconstructed for rFID / PSNR
     isc_splits: int = 10

@@ -1,0 +1,176 @@
+"""Evaluation orchestration: feature extraction, reference statistics (cached), and the metric
+specs' pure ``stats``/``value`` stages, producing protocol-complete rows.
+
+A feature set is computed once per image set and shared by every metric that reads it (rFID,
+KID, precision/recall and sFID all read one Inception pass). Reference features of a dataset split
+are cached on disk, keyed by (dataset id, split, resolution, number of images, extractor and its
+weights hash), and reused across runs and combinations.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .metrics.cache import StatsCache
+from .plugins import Host
+from .specs import MetricSpec
+
+INCEPTION = "inception"
+
+
+class Evaluator:
+    """Accumulates features of one candidate set, then computes every selected metric of a family."""
+
+    def __init__(self, host: Host, cfg: RunConfig, device: torch.device, cache_dir: Path):
+        self.host, self.cfg, self.device, self.cache_dir = host, cfg, device, Path(cache_dir)
+        names = cfg.metrics.names or host.metrics.names()
+        self.specs: list[MetricSpec] = [host.metrics.get(n) for n in names]
+        self._inception = None
+        self._lpips = None
+        self._features: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._pairs: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.cache = StatsCache(self.cache_dir / "reference")
+        self.reference_cache_hits = 0
+
+    # -- extractors -------------------------------------------------------------------------------
+    def family_specs(self, family: str) -> list[MetricSpec]:
+        return [s for s in self.specs if s.family == family]
+
+    def _inception_features_needed(self) -> tuple[str, ...]:
+        feats = sorted({s.feature for s in self.specs if s.extractor == INCEPTION})
+        return tuple(feats)
+
+    def check_weights(self) -> None:
+        """Resolve the weights every selected extractor needs (raises MissingWeightsError with where it looked)."""
+        if self._inception_features_needed():
+            self.inception()
+        if any(s.extractor == "lpips" for s in self.specs) and "recon-eval" in self.cfg.run.stages:
+            self.lpips()
+
+    def inception(self):
+        if self._inception is None:
+            from .metrics.inception import InceptionFeatures
+
+            self._inception = InceptionFeatures.from_config(
+                self.cfg.metrics.inception_weights, self.cfg.run.smoke, self.cache_dir, device=self.device,
+                batch_size=self.cfg.metrics.batch_size, features=self._inception_features_needed(),
+            )
+        return self._inception
+
+    def lpips(self):
+        if self._lpips is None:
+            from .metrics.image import LpipsVgg
+
+            self._lpips = LpipsVgg(self.cfg.metrics.lpips_weights, smoke=self.cfg.run.smoke, cache_dir=self.cache_dir, device=self.device)
+        return self._lpips
+
+    def _pair_scores(self, extractor: str, images: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
+        from .metrics.image import psnr_per_image, ssim_per_image
+
+        if extractor == "psnr":
+            return psnr_per_image(images, recon)
+        if extractor == "ssim":
+            return ssim_per_image(images, recon)
+        if extractor == "lpips":
+            return self.lpips()(images, recon)
+        raise ValueError(f"metric extractor {extractor!r} is not known to the evaluator (known: inception, psnr, ssim, lpips, probe)")
+
+    # -- accumulation -----------------------------------------------------------------------------
+    def add_samples(self, images: torch.Tensor) -> None:
+        if self._inception_features_needed():
+            for k, v in self.inception()(images).items():
+                self._features[k].append(v)
+
+    def add_pairs(self, images: torch.Tensor, recon: torch.Tensor) -> None:
+        self.add_samples(recon)
+        for ext in sorted({s.extractor for s in self.family_specs("reconstruction") if s.inputs == "pairs"}):
+            self._pairs[ext].append(self._pair_scores(ext, images, recon))
+
+    def reference(self, key: dict[str, Any], batches: Callable[[], Iterable[torch.Tensor]]) -> dict[str, np.ndarray]:
+        """Inception features of a reference image set, from the on-disk cache when present."""
+        inc = self.inception()
+        full_key = {**key, "extractor": "inception-v3-compat", "weights": inc.weights_id, "features": list(inc.features), "version": 1}
+        k = self.cache.key(**full_key)
+        hit = self.cache.get(k)
+        if hit is not None:
+            self.reference_cache_hits += 1
+            return dict(hit)
+        acc: dict[str, list[np.ndarray]] = defaultdict(list)
+        for images in batches():
+            for name, v in inc(images.to(self.device)).items():
+                acc[name].append(v)
+        arrays = {name: np.concatenate(v) for name, v in acc.items()}
+        self.cache.put(k, arrays, meta=full_key)
+        return arrays
+
+    # -- values -----------------------------------------------------------------------------------
+    def finish(self, family: str, ref_key: dict[str, Any], ref_batches: Callable[[], Iterable[torch.Tensor]],
+               extra_protocol: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Compute the family's metrics on what was accumulated, then reset the accumulators."""
+        specs = [s for s in self.family_specs(family) if s.inputs in ("distribution", "single", "pairs")]
+        features = {k: np.concatenate(v) for k, v in self._features.items()}
+        pairs = {k: np.concatenate(v) for k, v in self._pairs.items()}
+        self._features.clear()
+        self._pairs.clear()
+        reference = self.reference(ref_key, ref_batches) if any(s.inputs == "distribution" for s in specs) else {}
+        n = next((len(v) for v in features.values()), next((len(v) for v in pairs.values()), 0))
+        protocol: dict[str, Any] = {
+            "num_images": int(n),
+            "reference": f"{ref_key['dataset']}:{ref_key['split']}:{ref_key['num_images']}",
+            "precision": self.cfg.run.precision,
+        }
+        smoke = self.cfg.run.smoke
+        if self._inception is not None:
+            protocol.update(extractor="inception-v3-compat (torch-fidelity)", extractor_weights=self._inception.weights_id)
+            smoke = smoke or not self._inception.is_official
+        if any(s.extractor == "lpips" for s in specs):
+            protocol.update(lpips_weights=self.lpips().weights_id)
+            smoke = smoke or not self.lpips().is_official
+        if any(s.extractor in ("psnr", "ssim") for s in specs):
+            protocol.update(pixel_data_range="[0, 1] (float of uint8/255)")
+        protocol.update(extra_protocol or {})
+        rows = []
+        for s in specs:
+            if s.inputs == "pairs":
+                stats = s.stats(pairs[s.extractor])
+                value = s.value(stats, None)
+            elif s.inputs == "single":
+                stats = s.stats(features[s.feature], **self._stats_kwargs(s))
+                value = s.value(stats, None)
+            else:
+                value = s.value(s.stats(features[s.feature]), s.stats(reference[s.feature]))
+            rows.append(self._row(s, value, protocol, smoke))
+        return rows
+
+    def _stats_kwargs(self, spec: MetricSpec) -> dict[str, Any]:
+        return {"splits": self.cfg.metrics.isc_splits} if spec.name == "is" else {}
+
+    @staticmethod
+    def _row(spec: MetricSpec, value: Any, protocol: dict[str, Any], smoke: bool) -> dict[str, Any]:
+        extra = {}
+        if isinstance(value, dict):  # e.g. FID with its regularisation note
+            extra = {k: v for k, v in value.items() if k != "value"}
+            value = value["value"]
+        return {"metric": spec.name, "metric_version": spec.version, "family": spec.family, "value": float(value),
+                "higher_is_better": spec.higher_is_better, "protocol": {**protocol, **extra}, "smoke": smoke}
+
+    def probe(self, ztr: torch.Tensor, ytr: torch.Tensor, zva: torch.Tensor, yva: torch.Tensor, num_classes: int) -> list[dict[str, Any]]:
+        from .metrics.probe import ProbeRecipe, linear_probe
+
+        specs = [s for s in self.family_specs("representation") if s.inputs == "latents"]
+        if not specs:
+            return []
+        recipe = ProbeRecipe.from_config(self.cfg.metrics.probe, seed=self.cfg.run.seed)
+        result = linear_probe(ztr, ytr, zva, yva, recipe, num_classes=num_classes, device=self.device)
+        protocol = {"num_images": int(zva.shape[0]), "train_images": int(ztr.shape[0]), "latents": "posterior sample", **recipe.protocol()}
+        rows = []
+        for s in specs:
+            if s.feature not in result:
+                continue  # e.g. top-5 with 5 classes or fewer
+            rows.append(self._row(s, s.value(s.stats(result[s.feature]), None), protocol, self.cfg.run.smoke))
+        return rows
