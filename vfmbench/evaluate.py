@@ -21,6 +21,7 @@ from .plugins import Host
 from .specs import MetricSpec
 
 INCEPTION = "inception"
+LPIPS = "lpips-vgg"
 
 
 class Evaluator:
@@ -49,7 +50,7 @@ class Evaluator:
         """Resolve the weights every selected extractor needs (raises MissingWeightsError with where it looked)."""
         if self._inception_features_needed():
             self.inception()
-        if any(s.extractor == "lpips" for s in self.specs) and "recon-eval" in self.cfg.run.stages:
+        if any(s.extractor == LPIPS for s in self.specs) and "recon-eval" in self.cfg.run.stages:
             self.lpips()
 
     def inception(self):
@@ -69,16 +70,19 @@ class Evaluator:
             self._lpips = LpipsVgg(self.cfg.metrics.lpips_weights, smoke=self.cfg.run.smoke, cache_dir=self.cache_dir, device=self.device)
         return self._lpips
 
-    def _pair_scores(self, extractor: str, images: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
+    def _pair_scores(self, extractor: str, feature: str, images: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
         from .metrics.image import psnr_per_image, ssim_per_image
 
-        if extractor == "psnr":
+        if (extractor, feature) == ("pixels", "psnr"):
             return psnr_per_image(images, recon)
-        if extractor == "ssim":
+        if (extractor, feature) == ("pixels", "ssim"):
             return ssim_per_image(images, recon)
-        if extractor == "lpips":
+        if extractor == LPIPS:
             return self.lpips()(images, recon)
-        raise ValueError(f"metric extractor {extractor!r} is not known to the evaluator (known: inception, psnr, ssim, lpips, probe)")
+        raise ValueError(
+            f"pair-metric features {extractor}/{feature} are not known to the evaluator "
+            "(known: pixels/psnr, pixels/ssim, lpips-vgg/lpips)"
+        )
 
     # -- accumulation -----------------------------------------------------------------------------
     def add_samples(self, images: torch.Tensor) -> None:
@@ -88,8 +92,8 @@ class Evaluator:
 
     def add_pairs(self, images: torch.Tensor, recon: torch.Tensor) -> None:
         self.add_samples(recon)
-        for ext in sorted({s.extractor for s in self.family_specs("reconstruction") if s.inputs == "pairs"}):
-            self._pairs[ext].append(self._pair_scores(ext, images, recon))
+        for ext, feat in sorted({(s.extractor, s.feature) for s in self.family_specs("reconstruction") if s.inputs == "pairs"}):
+            self._pairs[f"{ext}/{feat}"].append(self._pair_scores(ext, feat, images, recon))
 
     def reference(self, key: dict[str, Any], batches: Callable[[], Iterable[torch.Tensor]]) -> dict[str, np.ndarray]:
         """Inception features of a reference image set, from the on-disk cache when present."""
@@ -128,27 +132,37 @@ class Evaluator:
         if self._inception is not None:
             protocol.update(extractor="inception-v3-compat (torch-fidelity)", extractor_weights=self._inception.weights_id)
             smoke = smoke or not self._inception.is_official
-        if any(s.extractor == "lpips" for s in specs):
+        if any(s.extractor == LPIPS for s in specs):
             protocol.update(lpips_weights=self.lpips().weights_id)
             smoke = smoke or not self.lpips().is_official
-        if any(s.extractor in ("psnr", "ssim") for s in specs):
+        if any(s.extractor == "pixels" for s in specs):
             protocol.update(pixel_data_range="[0, 1] (float of uint8/255)")
         protocol.update(extra_protocol or {})
+        memo: dict[tuple, Any] = {}
+
+        def stats(spec: MetricSpec, which: str, data: Any) -> Any:
+            key = (spec.stats, spec.extractor, spec.feature, which)  # one stats pass per feature set
+            if key not in memo:
+                memo[key] = spec.stats(data, **self._stats_kwargs(spec))
+            return memo[key]
+
         rows = []
         for s in specs:
             if s.inputs == "pairs":
-                stats = s.stats(pairs[s.extractor])
-                value = s.value(stats, None)
+                value = s.value(stats(s, "pairs", pairs[f"{s.extractor}/{s.feature}"]), None)
             elif s.inputs == "single":
-                stats = s.stats(features[s.feature], **self._stats_kwargs(s))
-                value = s.value(stats, None)
+                value = s.value(stats(s, "candidate", features[s.feature]), None)
             else:
-                value = s.value(s.stats(features[s.feature]), s.stats(reference[s.feature]))
+                value = s.value(stats(s, "candidate", features[s.feature]), stats(s, "reference", reference[s.feature]))
             rows.append(self._row(s, value, protocol, smoke))
         return rows
 
     def _stats_kwargs(self, spec: MetricSpec) -> dict[str, Any]:
-        return {"splits": self.cfg.metrics.isc_splits} if spec.name == "is" else {}
+        """Protocol settings a stats stage declares as keyword arguments (e.g. the IS split count)."""
+        import inspect
+
+        params = inspect.signature(spec.stats).parameters
+        return {"splits": self.cfg.metrics.isc_splits} if "splits" in params else {}
 
     @staticmethod
     def _row(spec: MetricSpec, value: Any, protocol: dict[str, Any], smoke: bool) -> dict[str, Any]:
@@ -160,17 +174,23 @@ class Evaluator:
                 "higher_is_better": spec.higher_is_better, "protocol": {**protocol, **extra}, "smoke": smoke}
 
     def probe(self, ztr: torch.Tensor, ytr: torch.Tensor, zva: torch.Tensor, yva: torch.Tensor, num_classes: int) -> list[dict[str, Any]]:
-        from .metrics.probe import ProbeRecipe, linear_probe
+        from .metrics.probe import ProbeRecipe
 
         specs = [s for s in self.family_specs("representation") if s.inputs == "latents"]
         if not specs:
             return []
         recipe = ProbeRecipe.from_config(self.cfg.metrics.probe, seed=self.cfg.run.seed)
-        result = linear_probe(ztr, ytr, zva, yva, recipe, num_classes=num_classes, device=self.device)
+        features = {"train_latents": ztr, "train_labels": ytr, "val_latents": zva, "val_labels": yva,
+                    "recipe": recipe, "num_classes": num_classes}
         protocol = {"num_images": int(zva.shape[0]), "train_images": int(ztr.shape[0]), "latents": "posterior sample", **recipe.protocol()}
+        memo: dict[Any, Any] = {}
         rows = []
         for s in specs:
-            if s.feature not in result:
+            if s.stats not in memo:  # top-1 and top-5 share one trained probe
+                memo[s.stats] = s.stats(features)
+            try:
+                value = s.value(memo[s.stats], None)
+            except ValueError:
                 continue  # e.g. top-5 with 5 classes or fewer
-            rows.append(self._row(s, s.value(s.stats(result[s.feature]), None), protocol, self.cfg.run.smoke))
+            rows.append(self._row(s, value, protocol, self.cfg.run.smoke))
         return rows

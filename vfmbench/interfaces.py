@@ -72,6 +72,18 @@ class Phase:
     ema: bool = True  # keep an EMA of these parameters (off for a discriminator)
 
 
+@dataclass
+class TrainStage:
+    """One stage of a multi-stage training recipe (e.g. VFM-VAE's four stages). Each stage has its
+    own length in images and learning rate; ``settings`` carries whatever the component needs to
+    switch (loss weights, which modules train). Stage i+1 starts from stage i's final weights."""
+
+    name: str
+    images: int
+    lr: float
+    settings: dict = field(default_factory=dict)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizers
 
@@ -107,6 +119,8 @@ class Tokenizer(nn.Module, abc.ABC):
 
     spec: TokenizerSpec
     weights_id: str = "trained"
+    # Sub-modules that are frozen for good (a VFM encoder): not saved with the tokenizer's weights.
+    frozen_prefixes: tuple[str, ...] = ()
 
     def __init__(self, latent_channels: int, downsample: int):
         super().__init__()
@@ -133,6 +147,13 @@ class Tokenizer(nn.Module, abc.ABC):
         ...
 
     # -- shared --
+    def training_stages(self, images: int, lr: float) -> list[TrainStage]:
+        """The training recipe; by default one stage of ``tokenizer.train.images`` at ``tokenizer.train.lr``."""
+        return [TrainStage("main", images, lr)]
+
+    def begin_stage(self, stage: TrainStage) -> None:
+        """Switch to ``stage`` (freeze/unfreeze modules, set loss weights) before its training starts."""
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         g = resolution // self.downsample
         return (self.latent_channels, g, g)
@@ -143,6 +164,10 @@ class Tokenizer(nn.Module, abc.ABC):
 
     def decode_uint8(self, z: torch.Tensor) -> torch.Tensor:
         return to_uint8(self.decode(z))
+
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """The tokenizer's own weights: its state dict without the permanently frozen sub-modules."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}
 
     def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.latent_mean.copy_(mean)

@@ -235,8 +235,7 @@ class Run:
     @staticmethod
     def _load_tokenizer_state(tok: Tokenizer, state: dict) -> None:
         missing, unexpected = tok.load_state_dict(state, strict=False)
-        frozen = {n for n, p in tok.named_parameters() if not p.requires_grad}
-        bad_missing = [k for k in missing if k not in frozen]
+        bad_missing = [k for k in missing if not k.startswith(tok.frozen_prefixes)]
         if unexpected or bad_missing:
             raise UserError(
                 f"tokenizer weights do not match {tok.spec.name!r}: missing {bad_missing[:5]}, unexpected {unexpected[:5]}; "
@@ -245,7 +244,8 @@ class Run:
 
     def _image_batch(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ds = self.dataset(split)
-        items = [ds[int(i)] for i in idx]
+        ids = [int(i) for i in idx]
+        items = ds.__getitems__(ids) if hasattr(ds, "__getitems__") else [ds[i] for i in ids]
         images = torch.stack([x for x, _ in items]).to(self.device)
         labels = torch.tensor([int(y) for _, y in items], dtype=torch.long, device=self.device)
         return images, labels
@@ -285,18 +285,28 @@ class Run:
             info["loaded_from"] = str(self.cfg.tokenizer.weights)
         elif self.cfg.tokenizer.train.images > 0:
             tc = self.cfg.tokenizer.train
-            torch.manual_seed(self.cfg.run.seed)
-            result = train_loop(
-                tok, tok.training_phases(tc.lr), lambda idx: self._image_batch("train", idx), len(self.dataset("train")),
-                total_images=tc.images, batch_size=tc.batch_size, ckpt_path=d / "ckpt.pt", seed=self.cfg.run.seed,
-                ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images,
-                log_every_images=tc.log_every_images, log_path=d / "train_log.jsonl", desc="tokenizer",
-            )
-            plot_curves(d / "train_log.jsonl", d / "curves.png", title=f"{tok.spec.name} training")
-            info.update(images=result.nimg, steps=result.steps, skipped_steps=result.skipped_steps, resumed_from=result.resumed_from)
-        from .train import trainable_state
-
-        save_torch(trainable_state(tok, tok.training_phases(1.0)), d / "model.pt")
+            stages = tok.training_stages(tc.images, tc.lr)
+            info["stages"] = []
+            for i, st in enumerate(stages):
+                tag = f"stage{i}-{st.name}" if len(stages) > 1 else "main"
+                final = d / f"{tag}.pt"
+                tok.begin_stage(st)
+                if final.exists():  # finished earlier: carry its weights into the next stage
+                    self._load_tokenizer_state(tok, load_torch(final, self.device))
+                    info["stages"].append({"stage": st.name, "skipped": True})
+                    continue
+                torch.manual_seed(self.cfg.run.seed + i)
+                result = train_loop(
+                    tok, tok.training_phases(st.lr), lambda idx: self._image_batch("train", idx), len(self.dataset("train")),
+                    total_images=st.images, batch_size=tc.batch_size, ckpt_path=d / f"ckpt-{tag}.pt", seed=self.cfg.run.seed + i,
+                    ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images,
+                    log_every_images=tc.log_every_images, log_path=d / f"train_log-{tag}.jsonl", desc=f"tokenizer {st.name}",
+                )
+                save_torch(tok.weights_state(), final)
+                plot_curves(d / f"train_log-{tag}.jsonl", d / f"curves-{tag}.png", title=f"{tok.spec.name} training ({st.name})")
+                info["stages"].append({"stage": st.name, "images": result.nimg, "steps": result.steps,
+                                       "skipped_steps": result.skipped_steps, "resumed_from": result.resumed_from})
+        save_torch(tok.weights_state(), d / "model.pt")
         tok.eval()
         with torch.no_grad():
             images, _ = self._image_batch("val", torch.arange(min(8, len(self.dataset("val")))))

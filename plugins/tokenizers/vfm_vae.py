@@ -45,6 +45,8 @@ class LayerCompression(nn.Module):
 
 
 class VfmVae(Tokenizer):
+    frozen_prefixes = ("vfm.",)
+
     def __init__(self, args: VfmVaeArgs, vfm, decoder: nn.Module, layers: list[int], unshuffle: int):
         super().__init__(args.latent_channels, args.downsample)
         self.args = args

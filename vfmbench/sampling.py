@@ -1,0 +1,244 @@
+"""Samplers for velocity models on the linear path, with interval guidance and timestep shift.
+
+Convention (``vfmbench.interfaces.DiffusionModel``): t in [0, 1], t = 0 is noise and t = 1 is
+data, ``x_t = (1 - t) eps + t x``, and the model predicts ``v(x_t, t) ~ E[x - eps | x_t]``.
+Every sampler integrates forward in t from pure noise at t = 0 to data at t = 1.
+
+Derived quantities (linear path):
+  * ``x = x_t + (1 - t) v`` and ``eps = x_t - t v`` hold for every sample, so the posterior means
+    are ``E[x | x_t] = x_t + (1 - t) u`` and ``E[eps | x_t] = x_t - t u`` with ``u`` the model.
+  * ``x_t | x ~ N(t x, (1 - t)^2 I)``, hence the score is
+    ``grad log p_t(x_t) = -E[eps | x_t] / (1 - t) = (t u - x_t) / (1 - t)``  (``score_from_velocity``).
+  * For any ``g(t) >= 0`` the SDE ``dx = [u + g^2/2 * score] dt + g dW`` has the same marginals
+    as the probability-flow ODE ``dx = u dt`` (the extra drift and the diffusion cancel in the
+    Fokker-Planck equation because ``p * score = grad p``).
+
+Samplers (``steps`` is the number of intervals of the time grid):
+  * ``euler``: ``x += dt * v``; one model evaluation per step.
+  * ``heun``: Heun's 2nd-order method (predictor Euler, corrector trapezoid) on every step,
+    including the last one (t = 1 is a valid input of a velocity model); two evaluations per step.
+  * ``euler-maruyama``: the SDE above with ``g(t)^2 = 2 (1 - t)``, the diffusion of REPA/REG's
+    ``euler_maruyama_sampler`` (their ``compute_diffusion`` is ``2 t`` in their reversed time),
+    which makes the drift ``u + (1 - t) * score = (1 + t) u - x`` finite up to t = 1. The grid is
+    ``linspace(0, 1 - 0.04, steps)`` followed by 1, as REG does: ``steps - 1`` stochastic steps
+    and one final deterministic step of size 0.04 that takes the drift's mean without noise
+    (SiT's ``last_step='Mean'``). One evaluation per step.
+
+Classifier-free guidance: ``v = v_u + s (v_c - v_u)``, applied only when the time at which the
+model is evaluated lies in the closed interval ``cfg_interval = [t_low, t_high]`` (in this
+module's convention, t = 0 noise). Outside it the conditional velocity is used alone, as in
+LightningDiT and REG. When guidance is active the conditional and unconditional passes run as one
+batch of 2B. The same rule guides the SDE's drift because the score is affine in ``v``.
+  * LightningDiT "CFG interval start 0.125" (its t = 0 is noise too): ``cfg_interval=[0.125, 1]``.
+  * REG / REPA "guidance interval [0, 0.8]" (their t = 1 is noise): ``cfg_interval=[0.2, 1]``.
+
+Timestep shift (LightningDiT's ``time_shifting_factor``): a uniform grid ``t`` is mapped to
+``t' = t / (shift + (1 - shift) t)``. Written with the noise level ``sigma = 1 - t`` this is
+SD3's shift, ``sigma' = shift * sigma / (1 + (shift - 1) sigma)``: ``shift > 1`` spends more
+steps at high noise, ``shift < 1`` (LightningDiT's 0.3) more steps near the data; 1 is the identity.
+The guidance interval is compared with the shifted times, i.e. the times the model sees.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import UserError, did_you_mean
+
+SAMPLERS = ("euler", "heun", "euler-maruyama")
+LABEL_MODES = ("random", "balanced")
+PRECISIONS = ("fp32", "bf16")
+SDE_LAST_STEP = 0.04  # REG/SiT: size of the final deterministic step of the SDE sampler
+
+
+# ---------------------------------------------------------------------------------------------
+# Time grids
+
+
+def shift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """LightningDiT timestep shift ``t / (shift + (1 - shift) t)``; fixes 0 and 1, identity at 1."""
+    return t / (shift + (1.0 - shift) * t)
+
+
+def time_grid(steps: int, *, shift: float = 1.0, last_step: float = 0.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``steps + 1`` increasing times from 0 to 1: ``linspace(0, 1 - last_step, steps)`` then 1 when
+    ``last_step > 0`` (SDE grids), else ``linspace(0, 1, steps + 1)``; then shifted."""
+    if last_step > 0:
+        base = torch.cat([torch.linspace(0.0, 1.0 - last_step, steps, dtype=torch.float64), torch.ones(1, dtype=torch.float64)])
+    else:
+        base = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    return shift_time(base, shift).to(dtype)
+
+
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """Score of p_t on the linear path: ``(t v - x) / (1 - t)`` (undefined at t = 1)."""
+    if isinstance(t, torch.Tensor) and t.ndim == 1:
+        t = t.view(-1, *([1] * (x.ndim - 1)))
+    return (t * v - x) / (1.0 - t)
+
+
+def sde_diffusion(t: float) -> float:
+    """``g(t)^2`` of the SDE sampler: ``2 (1 - t)`` (REPA/REG's ``2 t`` in their reversed time)."""
+    return 2.0 * (1.0 - t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guided velocity
+
+
+def _model_dtype(model: Callable, default: torch.dtype) -> torch.dtype:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.dtype
+    return default
+
+
+class GuidedVelocity:
+    """``(x, t) -> v`` for a batch with fixed labels: one model call per evaluation, the
+    conditional and unconditional halves batched together when guidance is active at ``t``."""
+
+    def __init__(self, model: Callable, labels: torch.Tensor, null_label: int, cfg_scale: float,
+                 cfg_interval: Sequence[float], precision: str = "fp32"):
+        self.model = model
+        self.labels = labels
+        self.null = torch.full_like(labels, null_label)
+        self.cfg_scale = float(cfg_scale)
+        self.t_low, self.t_high = float(cfg_interval[0]), float(cfg_interval[1])
+        self.precision = precision
+
+    def guided(self, t: float) -> bool:
+        return self.cfg_scale != 1.0 and self.t_low <= t <= self.t_high
+
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        guide = self.guided(t)
+        xin = torch.cat([x, x]) if guide else x
+        yin = torch.cat([self.labels, self.null]) if guide else self.labels
+        mdtype = _model_dtype(self.model, x.dtype)
+        tin = torch.full((xin.shape[0],), t, dtype=mdtype, device=x.device)
+        if self.precision == "bf16":
+            ctx = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            out = self.model(xin.to(mdtype), tin, yin)
+        out = out.to(x.dtype)
+        if not guide:
+            return out
+        v_c, v_u = out.chunk(2)
+        return v_u + self.cfg_scale * (v_c - v_u)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrators
+
+
+def _euler(vel: GuidedVelocity, x: torch.Tensor, grid: list[float]) -> torch.Tensor:
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        x = x + (t1 - t0) * vel(x, t0)
+    return x
+
+
+def _heun(vel: GuidedVelocity, x: torch.Tensor, grid: list[float]) -> torch.Tensor:
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        dt = t1 - t0
+        v0 = vel(x, t0)
+        v1 = vel(x + dt * v0, t1)
+        x = x + 0.5 * dt * (v0 + v1)
+    return x
+
+
+def _euler_maruyama(vel: GuidedVelocity, x: torch.Tensor, grid: list[float], generator: torch.Generator | None) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else x.device
+    n = len(grid) - 1
+    for i, (t0, t1) in enumerate(zip(grid[:-1], grid[1:])):
+        dt = t1 - t0
+        g2 = sde_diffusion(t0)
+        v = vel(x, t0)
+        drift = v + 0.5 * g2 * score_from_velocity(v, x, t0)
+        x = x + dt * drift
+        if i < n - 1:  # the last step is deterministic: the mean of the Euler-Maruyama step
+            w = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+            x = x + (g2 * dt) ** 0.5 * w
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def check_options(sampler: str, steps: int, cfg_scale: float, cfg_interval: Sequence[float],
+                  timestep_shift: float, precision: str) -> None:
+    """Raise ``UserError`` for sampling options that cannot work (names the config key to fix)."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r} (diffusion.sample.sampler): {did_you_mean(sampler, SAMPLERS)}")
+    if int(steps) != steps or steps < 1:
+        raise UserError(f"diffusion.sample.steps must be a positive integer, got {steps!r}")
+    if len(cfg_interval) != 2 or not (0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0):
+        raise UserError(
+            f"diffusion.sample.cfg_interval must be [t_low, t_high] with 0 <= t_low <= t_high <= 1 "
+            f"(t = 0 is noise), got {list(cfg_interval)!r}; e.g. [0.125, 1.0] for LightningDiT"
+        )
+    if not timestep_shift > 0:
+        raise UserError(f"diffusion.sample.timestep_shift must be > 0 (1 = no shift), got {timestep_shift!r}")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r} (diffusion.sample.precision): {did_you_mean(precision, PRECISIONS)}")
+    if cfg_scale < 0:
+        raise UserError(f"diffusion.sample.cfg_scale must be >= 0 (1 = no guidance), got {cfg_scale!r}")
+
+
+@torch.no_grad()
+def sample(model: Callable, noise: torch.Tensor, labels: torch.Tensor | None, *, sampler: str = "euler",
+           steps: int = 250, cfg_scale: float = 1.0, cfg_interval: Sequence[float] = (0.0, 1.0),
+           timestep_shift: float = 1.0, generator: torch.Generator | None = None,
+           precision: str = "fp32") -> torch.Tensor:
+    """Integrate ``model`` from ``noise`` (t = 0) to latents (t = 1).
+
+    ``model(x, t, labels)`` returns the velocity; ``t`` is a [B] float tensor and the label
+    ``model.num_classes`` is unconditional (``labels=None`` samples unconditionally). The state is
+    integrated in ``noise.dtype``; the model gets inputs in its parameters' dtype, under bf16
+    autocast when ``precision='bf16'``. ``generator`` drives the SDE's noise. See the module
+    docstring for the samplers, the guidance interval and the shift.
+    """
+    check_options(sampler, steps, cfg_scale, cfg_interval, timestep_shift, precision)
+    null_label = getattr(model, "num_classes", None)
+    guided = cfg_scale != 1.0
+    if (guided or labels is None) and null_label is None:
+        raise ValueError("the model has no `num_classes` attribute (the null label), needed for guidance or unconditional sampling")
+    b = noise.shape[0]
+    if labels is None:
+        if guided:
+            raise UserError("classifier-free guidance needs class labels; set diffusion.sample.cfg_scale=1 for unconditional sampling")
+        labels = torch.full((b,), int(null_label), dtype=torch.long, device=noise.device)
+    labels = labels.to(device=noise.device, dtype=torch.long)
+    if labels.shape != (b,):
+        raise ValueError(f"labels must have shape [{b}], got {tuple(labels.shape)}")
+    vel = GuidedVelocity(model, labels, int(null_label) if null_label is not None else -1, cfg_scale, cfg_interval, precision)
+    last = SDE_LAST_STEP if sampler == "euler-maruyama" else 0.0
+    grid = time_grid(int(steps), shift=float(timestep_shift), last_step=last).tolist()
+    x = noise.clone()
+    if sampler == "euler":
+        return _euler(vel, x, grid)
+    if sampler == "heun":
+        return _heun(vel, x, grid)
+    return _euler_maruyama(vel, x, grid, generator)
+
+
+def sample_labels(n: int, num_classes: int, mode: str = "random", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Class labels for ``n`` samples (int64, on the generator's device or CPU).
+
+    ``random``: i.i.d. uniform over the classes (the ADM/REG protocol). ``balanced``:
+    ``n // num_classes`` of each class plus one more for the first ``n % num_classes`` classes,
+    in a random order (exactly equal counts when ``num_classes`` divides ``n``, e.g. 50 per class
+    for 50k ImageNet samples).
+    """
+    if mode not in LABEL_MODES:
+        raise UserError(f"unknown label sampling {mode!r} (diffusion.sample.label_sampling): {did_you_mean(mode, LABEL_MODES)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    if mode == "random":
+        return torch.randint(0, num_classes, (n,), generator=generator, device=device, dtype=torch.long)
+    labels = torch.arange(n, device=device, dtype=torch.long) % num_classes
+    return labels[torch.randperm(n, generator=generator, device=device)]
