@@ -55,6 +55,9 @@ class VfmSpec(Spec):
     default_layers: tuple[int, ...] = (-1,)
     published_params: int = 0
     tiny: Mapping[str, Any] = field(default_factory=dict)
+    arch: Mapping[str, Any] = field(default_factory=dict)  # library config kwargs of the full-size model; ``tiny`` overrides them
+    weights_tag: str = ""  # the library's pretrained tag where it is not part of model_id (open_clip: 'openai')
+    adapter: Any = None  # a vfmbench.vfm.Adapter: builds, loads and taps the library model
 
     kind = "vfm"
 

@@ -102,8 +102,9 @@ def train_loop(
 ) -> TrainResult:
     """Train ``module`` for ``total_images`` images.
 
-    ``get_batch(indices)`` returns (inputs, labels) on the module's device. Each step runs every
-    phase: ``loss, logs = module.phase_loss(phase.name, inputs, labels, nimg)``, backward, optional
+    ``get_batch(indices)`` returns (inputs, labels) or (inputs, labels, extras) on the module's
+    device. Each step runs every phase:
+    ``loss, logs = module.phase_loss(phase.name, inputs, labels, nimg, **extras)``, backward, optional
     clipping, optimiser step. A step whose loss is non-finite (or, with ``max_loss_jump`` > 0, more
     than that factor above the previous step's) is skipped and counted. The checkpoint at
     ``ckpt_path`` is written atomically every ``ckpt_every_images`` and at the end; when it exists
@@ -155,11 +156,13 @@ def train_loop(
     bar = tqdm(total=total_images, initial=nimg, desc=desc, unit="img", dynamic_ncols=True, leave=False)
     try:
         while nimg < total_images:
-            inputs, labels = get_batch(stream.batch(nimg))
+            batch = get_batch(stream.batch(nimg))
+            inputs, labels = batch[0], batch[1]
+            extras = batch[2] if len(batch) > 2 else {}
             logs: dict[str, float] = {}
             for ph, opt in zip(phases, optimisers):
                 opt.zero_grad(set_to_none=True)
-                loss, phase_logs = module.phase_loss(ph.name, inputs, labels, nimg)
+                loss, phase_logs = module.phase_loss(ph.name, inputs, labels, nimg, **extras)
                 value = float(loss.detach())
                 jump = max_loss_jump > 0 and ph.name in prev_loss and value > max_loss_jump * max(prev_loss[ph.name], 1e-8)
                 if not math.isfinite(value) or jump:
