@@ -163,3 +163,19 @@ def test_example_plugin_installs_and_runs(tmp_path):
     p = vfmbench("run", "--preset", "smoke", "--tokenizer", "patch-ae", "--out", str(tmp_path / "runs"), *FAST, env=env)
     rows = results(Path(p.stdout.strip().splitlines()[-1]))
     assert {r["tokenizer"] for r in rows} == {"patch-ae"} and REQUIRED_METRICS <= {r["metric"] for r in rows}
+
+
+def test_missing_vfm_weights_offline_fails_fast(tmp_path):
+    t0 = time.time()
+    p = vfmbench("run", "--vfm", "dinov2-l", "--set", "run.smoke=false", "--set", "vfm.size=full", "--set", "vfm.pretrained=true",
+                 "--out", str(tmp_path), check=False, env={"HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 2, p.stderr
+    assert time.time() - t0 < 10
+    assert "facebook/dinov2-large" in p.stderr and "vfm.weights" in p.stderr and "Traceback" not in p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_random_vfm_needs_smoke(tmp_path):
+    p = vfmbench("run", "--set", "run.smoke=false", "--out", str(tmp_path), check=False)
+    assert p.returncode == 2 and "smoke" in p.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -154,6 +154,51 @@ def cmd_sweep(args) -> int:
     return run_sweep(host, Path(args.file), out=args.out, dry_run=args.dry_run)
 
 
+def cmd_eval(args) -> int:
+    host = _host(args)
+    sets = list(args.set or [])
+    if args.what == "generation":
+        from .config import parse_set, resolve
+        from .evalcmd import evaluate_generation
+
+        if not args.samples or not args.reference:
+            raise UserError("eval generation needs SAMPLES (a folder or .npz) and --reference (an ADM .npz or a folder)")
+        layers = [parse_set(s) for s in sets]
+        if args.smoke:
+            layers.append({"run": {"smoke": True}})
+        cfg = resolve(layers)
+        rows = evaluate_generation(host, cfg, args.samples, args.reference)
+        _print_rows(rows)
+        if args.out:
+            from .results import write_rows
+
+            write_rows(args.out, rows)
+            print(args.out)
+        return 0
+    if not args.weights:
+        raise UserError("eval reconstruction needs --weights PATH (a tokenizer model.pt)")
+    sets += [f"tokenizer.weights={args.weights}", 'run.stages=["tokenizer", "recon-eval", "results"]']
+    if args.smoke:
+        sets.append("run.smoke=true")
+    cfg = resolve_run_config(host, args.preset, args.config, sets, {
+        "tokenizer": args.tokenizer, "vfm": args.vfm, "decoder": args.decoder, "diffusion": None, "dataset": args.dataset, "out": args.out})
+    from .results import read_rows
+    from .runner import Run
+
+    run = Run.prepare(host, cfg)
+    run.execute()
+    _print_rows(read_rows(run.run_dir / "results.jsonl"))
+    print(run.run_dir)
+    return 0
+
+
+def _print_rows(rows) -> None:
+    from tabulate import tabulate
+
+    print(tabulate([[r["metric"], f"{r['value']:.6g}", r["label"], r["protocol"].get("reference", "")] for r in rows],
+                   headers=["metric", "value", "label", "reference"], tablefmt="simple", disable_numparse=True), file=sys.stderr)
+
+
 def cmd_leaderboard(args) -> int:
     from .checkpoint import write_text
     from .leaderboard import collect_rows, render
@@ -206,6 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="parent folder of run directories (overrides the file)")
     sp.add_argument("--dry-run", action="store_true")
     sp.set_defaults(func=cmd_sweep)
+
+    sp = sub.add_parser("eval", help="metrics without training: generated samples vs a reference, or a tokenizer from weights")
+    sp.add_argument("what", choices=("generation", "reconstruction"))
+    sp.add_argument("samples", nargs="?", help="generation: a folder of images or an ADM .npz of samples")
+    sp.add_argument("--reference", help="generation: an ADM reference batch .npz or a folder of images")
+    sp.add_argument("--weights", help="reconstruction: tokenizer weights (model.pt of a run)")
+    sp.add_argument("--preset")
+    sp.add_argument("--tokenizer")
+    sp.add_argument("--vfm")
+    sp.add_argument("--decoder")
+    sp.add_argument("--dataset")
+    sp.add_argument("--config")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sp.add_argument("--smoke", action="store_true", help="allow random-init extractors (numbers labelled smoke)")
+    sp.add_argument("--out", help="generation: write rows to this .jsonl; reconstruction: parent folder of run directories")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("leaderboard", help="render markdown leaderboards from run directories or result files")
     sp.add_argument("paths", nargs="*", help="run directories, folders of runs, results .jsonl or published .yaml (default: runs)")

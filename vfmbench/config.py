@@ -56,6 +56,8 @@ class VfmConfig:
     pretrained: bool = True  # False = random init (allowed only with run.smoke)
     layers: list[int] = field(default_factory=list)  # [] = the spec's default taps
     input_scale: float = 0.0  # 0 = the spec's resize factor
+    cache_features: str = "auto"  # auto | always | never: VFM tokens of evaluated splits cached on disk
+    cache_max_gib: float = 4.0  # 'auto' caches a split only when its tokens fit in this size
 
 
 @dataclass
@@ -116,6 +118,7 @@ class ProbeConfig:
 class MetricsConfig:
     names: list[str] = field(default_factory=list)  # [] = every registered metric of each family
     inception_weights: str = ""  # torch-fidelity Inception file; default: $TORCH_HOME/hub/checkpoints
+    reference: str = ""  # gFID reference: '' = the dataset's val split, or an ADM reference batch .npz
     lpips_weights: str = ""  # torchvision VGG16 file for LPIPS; default: $TORCH_HOME/hub/checkpoints
     batch_size: int = 64
     recon_images: int = 50000  # val images reconstructed for rFID / PSNR

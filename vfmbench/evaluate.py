@@ -9,6 +9,7 @@ weights hash), and reused across runs and combinations.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -22,6 +23,22 @@ from .specs import MetricSpec
 
 INCEPTION = "inception"
 LPIPS = "lpips-vgg"
+
+
+@dataclass
+class Reference:
+    """What candidates are compared with: an id for the protocol, lazily computed features, and
+    precomputed statistics per feature (e.g. an ADM batch's mu/sigma) for 'gaussian' metrics."""
+
+    id: str
+    features: Callable[[], dict[str, np.ndarray]] | None
+    stats_override: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    _cache: dict[str, np.ndarray] | None = None
+
+    def get_features(self) -> dict[str, np.ndarray] | None:
+        if self._cache is None and self.features is not None:
+            self._cache = self.features()
+        return self._cache
 
 
 class Evaluator:
@@ -95,8 +112,40 @@ class Evaluator:
         for ext, feat in sorted({(s.extractor, s.feature) for s in self.family_specs("reconstruction") if s.inputs == "pairs"}):
             self._pairs[f"{ext}/{feat}"].append(self._pair_scores(ext, feat, images, recon))
 
-    def reference(self, key: dict[str, Any], batches: Callable[[], Iterable[torch.Tensor]]) -> dict[str, np.ndarray]:
-        """Inception features of a reference image set, from the on-disk cache when present."""
+    def dataset_reference(self, key: dict[str, Any], batches: Callable[[], Iterable[torch.Tensor]]) -> "Reference":
+        """A dataset split as the reference; its Inception features are cached on disk and reused."""
+        rid = f"{key['dataset']}:{key['split']}:{key['num_images']}"
+        return Reference(rid, lambda: self._cached_features(key, batches))
+
+    def images_reference(self, rid: str, images: torch.Tensor, key: dict[str, Any]) -> "Reference":
+        """In-memory images (a folder, an npz) as the reference, cached under ``key``."""
+        bs = self.cfg.metrics.batch_size
+
+        def batches():
+            return (images[i : i + bs] for i in range(0, images.shape[0], bs))
+
+        return Reference(rid, lambda: self._cached_features(key, batches))
+
+    def adm_reference(self, path: str | Path) -> "Reference":
+        """An ADM reference batch: its mu/sigma (and mu_s/sigma_s) stand in for FID/sFID reference
+        statistics; its images (arr_0), when present, give the features of the other metrics."""
+        from .metrics.adm import load_reference_batch
+        from .metrics.cache import file_sha256
+
+        ref = load_reference_batch(path)
+        sha = file_sha256(path, self.cache_dir)[:16]
+        override = {}
+        if ref.pool_stats() is not None:
+            override["pool"] = dict(zip(("mu", "sigma"), ref.pool_stats()))
+        if ref.spatial_stats() is not None:
+            override["spatial"] = dict(zip(("mu", "sigma"), ref.spatial_stats()))
+        features = None
+        if ref.images is not None:
+            images = ref.images_nchw()
+            features = self.images_reference("", images, {"adm_npz": sha, "num_images": int(images.shape[0])}).features
+        return Reference(f"adm:{Path(path).name}:{sha}", features, override)
+
+    def _cached_features(self, key: dict[str, Any], batches: Callable[[], Iterable[torch.Tensor]]) -> dict[str, np.ndarray]:
         inc = self.inception()
         full_key = {**key, "extractor": "inception-v3-compat", "weights": inc.weights_id, "features": list(inc.features), "version": 1}
         k = self.cache.key(**full_key)
@@ -113,21 +162,15 @@ class Evaluator:
         return arrays
 
     # -- values -----------------------------------------------------------------------------------
-    def finish(self, family: str, ref_key: dict[str, Any], ref_batches: Callable[[], Iterable[torch.Tensor]],
-               extra_protocol: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def finish(self, family: str, reference: "Reference", extra_protocol: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Compute the family's metrics on what was accumulated, then reset the accumulators."""
         specs = [s for s in self.family_specs(family) if s.inputs in ("distribution", "single", "pairs")]
         features = {k: np.concatenate(v) for k, v in self._features.items()}
         pairs = {k: np.concatenate(v) for k, v in self._pairs.items()}
         self._features.clear()
         self._pairs.clear()
-        reference = self.reference(ref_key, ref_batches) if any(s.inputs == "distribution" for s in specs) else {}
         n = next((len(v) for v in features.values()), next((len(v) for v in pairs.values()), 0))
-        protocol: dict[str, Any] = {
-            "num_images": int(n),
-            "reference": f"{ref_key['dataset']}:{ref_key['split']}:{ref_key['num_images']}",
-            "precision": self.cfg.run.precision,
-        }
+        protocol: dict[str, Any] = {"num_images": int(n), "reference": reference.id, "precision": self.cfg.run.precision}
         smoke = self.cfg.run.smoke
         if self._inception is not None:
             protocol.update(extractor="inception-v3-compat (torch-fidelity)", extractor_weights=self._inception.weights_id)
@@ -153,7 +196,14 @@ class Evaluator:
             elif s.inputs == "single":
                 value = s.value(stats(s, "candidate", features[s.feature]), None)
             else:
-                value = s.value(stats(s, "candidate", features[s.feature]), stats(s, "reference", reference[s.feature]))
+                if s.stats_kind == "gaussian" and s.feature in reference.stats_override:
+                    ref_stats = reference.stats_override[s.feature]
+                else:
+                    ref_features = reference.get_features()
+                    if ref_features is None:
+                        continue  # e.g. KID against an ADM batch that carries statistics only
+                    ref_stats = stats(s, "reference", ref_features[s.feature])
+                value = s.value(stats(s, "candidate", features[s.feature]), ref_stats)
             rows.append(self._row(s, value, protocol, smoke))
         return rows
 

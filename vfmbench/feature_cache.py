@@ -2,9 +2,11 @@
 
 An entry is a folder ``root/<vfm name>/<key hash>/`` holding ``meta.json`` (the full key, the
 token grid and the image count) and safetensors shards ``shard-00000.safetensors``, ... with one
-tensor per tapped layer (``layer.<index>``, [n, tokens, D]). The key is the VFM's name, spec
-version, weights id, size and input scale, the sorted layers, the storage dtype and the caller's
-``key_fields`` (which must name the dataset, split, resolution and image count). An entry is
+tensor per tapped layer (``layer.<index>``, [n, tokens, D]) and, for entries written with
+``prefix=True`` (``cached_tokens_and_prefix``), the class/register tokens of each layer
+(``prefix.<index>``, [n, P, D]). The key is the VFM's name, spec
+version, weights id, size and input scale, the sorted layers, the storage dtype, whether prefix
+tokens are stored, and the caller's ``key_fields`` (which must name the dataset, split, resolution and image count). An entry is
 written into a temporary folder and renamed into place, so readers never see a partial one.
 """
 from __future__ import annotations
@@ -36,12 +38,13 @@ class CacheStats:
     vfm_images: int = 0
 
 
-def cache_key(vfm: Vfm, layers: Sequence[int], key_fields: Mapping[str, Any], dtype: torch.dtype = torch.float32) -> dict:
+def cache_key(vfm: Vfm, layers: Sequence[int], key_fields: Mapping[str, Any], dtype: torch.dtype = torch.float32,
+              prefix: bool = False) -> dict:
     """The full key of an entry (JSON-serialisable)."""
     missing = [k for k in REQUIRED_KEY_FIELDS if k not in key_fields]
     if missing:
         raise ValueError(f"key_fields must name {', '.join(REQUIRED_KEY_FIELDS)}; missing {', '.join(missing)}")
-    return {
+    key = {
         "format": FORMAT_VERSION,
         "vfm": vfm.spec.name,
         "vfm_version": vfm.spec.version,
@@ -52,6 +55,9 @@ def cache_key(vfm: Vfm, layers: Sequence[int], key_fields: Mapping[str, Any], dt
         "dtype": str(dtype).replace("torch.", ""),
         "fields": {str(k): key_fields[k] for k in sorted(key_fields)},
     }
+    if prefix:  # absent otherwise, so that patch-token-only keys stay as they were
+        key["prefix"] = True
+    return key
 
 
 def entry_dir(root: str | Path, key: Mapping[str, Any]) -> Path:
@@ -63,22 +69,31 @@ def _layer_name(i: int) -> str:
     return f"layer.{i}"
 
 
-def _read(entry: Path, key: Mapping[str, Any]) -> dict[int, torch.Tensor]:
+def _prefix_name(i: int) -> str:
+    return f"prefix.{i}"
+
+
+def _read(entry: Path, key: Mapping[str, Any]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     from safetensors.torch import load_file
 
     meta = json.loads((entry / "meta.json").read_text())
     if meta["key"] != json.loads(json.dumps(key, default=str)):
         raise RuntimeError(f"feature cache entry {entry} holds another key; delete the folder")
-    parts: dict[int, list[torch.Tensor]] = {i: [] for i in key["layers"]}
+    names = [(i, _layer_name(i)) for i in key["layers"]]
+    if key.get("prefix"):
+        names += [(("prefix", i), _prefix_name(i)) for i in key["layers"]]
+    parts: dict[Any, list[torch.Tensor]] = {k: [] for k, _ in names}
     for shard in meta["shards"]:
         tensors = load_file(str(entry / shard))
-        for i in parts:
-            parts[i].append(tensors[_layer_name(i)])
-    out = {i: torch.cat(p) for i, p in parts.items()}
+        for k, name in names:
+            parts[k].append(tensors[name])
+    out = {k: torch.cat(p) for k, p in parts.items()}
     n = next(iter(out.values())).shape[0] if out else 0
     if n != meta["images"]:
         raise RuntimeError(f"feature cache entry {entry} is inconsistent ({n} rows, meta says {meta['images']}); delete the folder")
-    return out
+    tokens = {k: v for k, v in out.items() if not isinstance(k, tuple)}
+    prefix = {k[1]: v for k, v in out.items() if isinstance(k, tuple)}
+    return tokens, prefix
 
 
 def cached_tokens(
@@ -98,7 +113,26 @@ def cached_tokens(
     ``key_fields`` must hold ``dataset``, ``split``, ``resolution`` and ``images`` (the count,
     checked against what ``batches`` yields) plus anything else that changes the images.
     """
-    key = cache_key(vfm, layers, key_fields, dtype)
+    return _cached(vfm, layers, key_fields, batches, root, dtype=dtype, shard_images=shard_images, stats=stats, prefix=False)[0]
+
+
+def cached_tokens_and_prefix(
+    vfm: Vfm,
+    layers: Sequence[int],
+    key_fields: Mapping[str, Any],
+    batches: Callable[[], Iterable[torch.Tensor]],
+    root: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    shard_images: int = 4096,
+    stats: CacheStats | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """As ``cached_tokens``, plus the prefix (class/register) tokens: ({layer: [N, tokens, D]}, {layer: [N, P, D]})."""
+    return _cached(vfm, layers, key_fields, batches, root, dtype=dtype, shard_images=shard_images, stats=stats, prefix=True)
+
+
+def _cached(vfm, layers, key_fields, batches, root, *, dtype, shard_images, stats, prefix):
+    key = cache_key(vfm, layers, key_fields, dtype, prefix=prefix)
     entry = entry_dir(root, key)
     if (entry / "meta.json").is_file():
         if stats is not None:
@@ -113,8 +147,9 @@ def cached_tokens(
     try:
         device = next(vfm.parameters()).device
         wanted = key["layers"]
-        pending: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
-        done: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
+        slots = list(wanted) + ([("prefix", i) for i in wanted] if prefix else [])
+        pending: dict[Any, list[torch.Tensor]] = {k: [] for k in slots}
+        done: dict[Any, list[torch.Tensor]] = {k: [] for k in slots}
         shards: list[str] = []
         grid, n_pending, n_total = None, 0, 0
 
@@ -122,13 +157,14 @@ def cached_tokens(
             nonlocal n_pending
             if not n_pending:
                 return
-            block = {i: torch.cat(pending[i]) for i in wanted}
+            block = {k: torch.cat(pending[k]) for k in slots}
             name = f"shard-{len(shards):05d}.safetensors"
-            save_file({_layer_name(i): t.contiguous() for i, t in block.items()}, str(tmp / name))
+            save_file({(_prefix_name(k[1]) if isinstance(k, tuple) else _layer_name(k)): t.contiguous() for k, t in block.items()},
+                      str(tmp / name))
             shards.append(name)
-            for i in wanted:
-                done[i].append(block[i])
-                pending[i].clear()
+            for k in slots:
+                done[k].append(block[k])
+                pending[k].clear()
             n_pending = 0
 
         for images in batches():
@@ -136,6 +172,8 @@ def cached_tokens(
             grid = tokens.grid
             for i in wanted:
                 pending[i].append(tokens.layers[i].detach().to("cpu", dtype))
+                if prefix:
+                    pending[("prefix", i)].append(tokens.prefix[i].detach().to("cpu", dtype))
             n_pending += images.shape[0]
             n_total += images.shape[0]
             if stats is not None:
@@ -159,4 +197,5 @@ def cached_tokens(
         raise
     if stats is not None:
         stats.misses += 1
-    return {i: torch.cat(done[i]) if done[i] else torch.empty(0) for i in wanted}
+    out = {k: torch.cat(done[k]) if done[k] else torch.empty(0) for k in slots}
+    return {i: out[i] for i in wanted}, {i: out[("prefix", i)] for i in wanted} if prefix else {}

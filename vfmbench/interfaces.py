@@ -154,6 +154,15 @@ class Tokenizer(nn.Module, abc.ABC):
     def begin_stage(self, stage: TrainStage) -> None:
         """Switch to ``stage`` (freeze/unfreeze modules, set loss weights) before its training starts."""
 
+    def vfm_request(self) -> "tuple[Vfm, list[int]] | None":
+        """For tokenizers whose ``encode`` is a function of frozen VFM tokens: (the VFM, the tapped
+        layers). The runner then caches those tokens on disk and calls ``encode_from_vfm``."""
+        return None
+
+    def encode_from_vfm(self, tokens: VfmTokens) -> DiagonalGaussian:
+        """``encode`` from precomputed VFM tokens (needed when ``vfm_request`` is not None)."""
+        raise TypeError(f"{type(self).__name__} declares a vfm_request but no encode_from_vfm")
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         g = resolution // self.downsample
         return (self.latent_channels, g, g)

@@ -7,6 +7,7 @@ stages and continues an interrupted one from its last checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -91,6 +92,8 @@ def validate(host: Host, cfg: RunConfig) -> None:
     diff = host.diffusion.get(cfg.diffusion.name)
     validate_args(diff.config, component_args(cfg, diff.name, cfg.diffusion.args), "diffusion.args")
     host.datasets.get(cfg.data.dataset)
+    if cfg.metrics.reference and not Path(cfg.metrics.reference).is_file():
+        raise UserError(f"metrics.reference={cfg.metrics.reference!r} does not exist; pass an ADM reference batch .npz (or '' for the val split)")
     for m in cfg.metrics.names:
         host.metrics.get(m)
     s = cfg.diffusion.sample
@@ -98,6 +101,8 @@ def validate(host: Host, cfg: RunConfig) -> None:
         raise UserError(f"diffusion.sample.label_sampling must be 'random' or 'balanced', got {s.label_sampling!r}")
     if len(s.cfg_interval) != 2 or not 0.0 <= s.cfg_interval[0] <= s.cfg_interval[1] <= 1.0:
         raise UserError(f"diffusion.sample.cfg_interval must be [t_low, t_high] within [0, 1], got {s.cfg_interval}")
+    if cfg.vfm.cache_features not in ("auto", "always", "never"):
+        raise UserError(f"vfm.cache_features must be auto, always or never, got {cfg.vfm.cache_features!r}")
     if cfg.run.precision not in ("fp32", "bf16"):
         raise UserError(f"run.precision must be 'fp32' or 'bf16', got {cfg.run.precision!r}")
     if cfg.data.resolution % tok_downsample(host, cfg) != 0:
@@ -127,6 +132,7 @@ class Run:
     _tokenizer: Tokenizer | None = None
     _datasets: dict[str, Any] = field(default_factory=dict)
     _evaluator: Evaluator | None = None
+    feature_stats: Any = None  # vfmbench.feature_cache.CacheStats of this run
 
     # -- setup --------------------------------------------------------------------------------
     @classmethod
@@ -136,6 +142,11 @@ class Run:
         run = cls(host=host, cfg=cfg, run_dir=run_dir, device=resolve_device(cfg.run.device))
         run._preflight()
         return run
+
+    def __post_init__(self) -> None:
+        from .feature_cache import CacheStats
+
+        self.feature_stats = CacheStats()
 
     def _preflight(self) -> None:
         """Everything that can fail on bad input, before the run directory exists."""
@@ -322,15 +333,16 @@ class Run:
         n = self.cfg.metrics.recon_images
         first = None
         with torch.no_grad():
-            for images, _ in self._iter_split("val", n, "reconstruct"):
-                recon = tok.reconstruct(images, gen)
+            for images, _, post, _ in self._posteriors("val", n, "reconstruct"):
+                recon = tok.decode_uint8(post.sample(gen))
                 ev.add_pairs(images, recon)
                 if first is None:
                     first = (images[:8].cpu(), recon[:8].cpu())
         save_pairs(*first, d / "reconstructions.png")
-        rows = ev.finish("reconstruction", self.val_reference_key(n), self.val_reference_batches(n))
+        rows = ev.finish("reconstruction", ev.dataset_reference(self.val_reference_key(n), self.val_reference_batches(n)))
         write_rows(d / "rows.jsonl", [self.row(r, images={"reconstructions": "recon-eval/reconstructions.png"}) for r in rows])
-        return {"metrics": {r["metric"]: r["value"] for r in rows}}
+        return {"metrics": {r["metric"]: r["value"] for r in rows}, "vfm_feature_cache": dataclasses.asdict(self.feature_stats),
+                "reference_cache_hits": ev.reference_cache_hits}
 
     def val_reference_key(self, n: int) -> dict[str, Any]:
         ds = self.dataset("val")
@@ -339,15 +351,62 @@ class Run:
     def val_reference_batches(self, n: int):
         return lambda: (images for images, _ in self._iter_split("val", n, "reference features"))
 
-    def _encode_split(self, split: str, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _vfm_tokens(self, split: str, n: int, flip: bool):
+        """Cached VFM tokens of a split (for tokenizers that encode from frozen VFM tokens), or None
+        when the tokenizer does not or the cache would be too large (``vfm.cache_features``)."""
         tok = self.tokenizer()
+        req = tok.vfm_request()
+        mode = self.cfg.vfm.cache_features
+        if req is None or mode == "never":
+            return None
+        vfm, layers = req
+        ds = self.dataset(split)
+        n = min(n, len(ds)) if n else len(ds)
+        res = self.cfg.data.resolution
+        grid = round(res * vfm.input_scale / vfm.patch_size)
+        nbytes = n * len(layers) * grid * grid * vfm.embed_dim * 4
+        if mode == "auto" and nbytes > self.cfg.vfm.cache_max_gib * 2**30:
+            return None
+        from .feature_cache import cached_tokens
+
+        key = {"dataset": getattr(ds, "cache_id", self.cfg.data.dataset), "split": split, "resolution": res, "images": n, "hflip": flip}
+        batches = lambda: (images.flip(-1) if flip else images for images, _ in self._iter_split(split, n, f"VFM tokens {split}"))  # noqa: E731
+        return cached_tokens(vfm, layers, key, batches, default_cache_dir(self.cfg) / "vfm-features", stats=self.feature_stats)
+
+    def _posteriors(self, split: str, n: int, desc: str, flip: bool = False):
+        """Yield (images, labels, posterior, posterior of the flipped images or None) over a split,
+        encoding from cached VFM tokens when the tokenizer allows it."""
+        from .interfaces import VfmTokens
+
+        tok = self.tokenizer()
+        cached = self._vfm_tokens(split, n, False)
+        cached_f = self._vfm_tokens(split, n, True) if flip and cached is not None else None
+
+        def from_cache(tokens, start, stop):
+            layers = {k: v[start:stop].to(self.device) for k, v in tokens.items()}
+            g = int(round(next(iter(layers.values())).shape[1] ** 0.5))
+            return tok.encode_from_vfm(VfmTokens(layers=layers, grid=(g, g)))
+
+        start = 0
+        for images, y in self._iter_split(split, n, desc):
+            stop = start + images.shape[0]
+            if cached is not None:
+                post = from_cache(cached, start, stop)
+                post_f = from_cache(cached_f, start, stop) if flip else None
+            else:
+                post = tok.encode(images)
+                post_f = tok.encode(images.flip(-1)) if flip else None
+            yield images, y, post, post_f
+            start = stop
+
+    def _encode_split(self, split: str, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         zs, flips, labels = [], [], []
         gen = torch.Generator(self.device).manual_seed(self.cfg.run.seed + (0 if split == "train" else 1))
         with torch.no_grad():
-            for images, y in self._iter_split(split, 0, f"encode {split}"):
-                zs.append(tok.encode(images).sample(gen).cpu())
+            for _, y, post, post_f in self._posteriors(split, 0, f"encode {split}", flip=flip):
+                zs.append(post.sample(gen).cpu())
                 if flip:
-                    flips.append(tok.encode(images.flip(-1)).sample(gen).cpu())
+                    flips.append(post_f.sample(gen).cpu())
                 labels.append(y.cpu())
         z = torch.cat(zs)
         return z, (torch.cat(flips) if flip else z[:0]), torch.cat(labels)
@@ -364,7 +423,8 @@ class Run:
         std = both.std(dim=(0, 2, 3)).float()
         save_torch({"mean": mean, "std": std, "num_latents": int(both.shape[0])}, d / "stats.pt")
         self.tokenizer().set_latent_stats(mean.to(self.device), std.to(self.device))
-        return {"train_latents": list(z.shape), "val_latents": list(zv.shape), "mean_abs_mean": float(mean.abs().mean()), "mean_std": float(std.mean())}
+        return {"train_latents": list(z.shape), "val_latents": list(zv.shape), "mean_abs_mean": float(mean.abs().mean()),
+                "mean_std": float(std.mean()), "vfm_feature_cache": dataclasses.asdict(self.feature_stats)}
 
     def _latents(self, split: str) -> dict[str, torch.Tensor]:
         path = self.stage_dir("latents") / f"{split}.pt"
@@ -462,7 +522,11 @@ class Run:
             "label_sampling": sc.label_sampling, "sample_precision": sc.precision,
             "diffusion_images": self.cfg.diffusion.train.images,
         }
-        rows = ev.finish("generation", self.val_reference_key(n), self.val_reference_batches(n), extra_protocol=extra)
+        if self.cfg.metrics.reference:
+            reference = ev.adm_reference(self.cfg.metrics.reference)
+        else:
+            reference = ev.dataset_reference(self.val_reference_key(n), self.val_reference_batches(n))
+        rows = ev.finish("generation", reference, extra_protocol=extra)
         write_rows(d / "rows.jsonl", [self.row(r, images={"samples": "sample/samples.png"}) for r in rows])
         return {"metrics": {r["metric"]: r["value"] for r in rows}}
 

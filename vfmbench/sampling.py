@@ -37,6 +37,12 @@ Timestep shift (LightningDiT's ``time_shifting_factor``): a uniform grid ``t`` i
 SD3's shift, ``sigma' = shift * sigma / (1 + (shift - 1) sigma)``: ``shift > 1`` spends more
 steps at high noise, ``shift < 1`` (LightningDiT's 0.3) more steps near the data; 1 is the identity.
 The guidance interval is compared with the shifted times, i.e. the times the model sees.
+
+Joint sampling (REG): a model with ``joint_dim > 0`` also samples a vector of that width (REG's
+class token) along the same path. ``sample`` draws its initial noise from ``generator`` after the
+latent noise is given, integrates latent and vector as one flat state with the same sampler and
+grid, and calls ``model(x, t, labels, joint=e)``, which returns ``(v, v_e)``; guidance therefore
+acts on both. Only the latents are returned unless ``return_joint=True``.
 """
 from __future__ import annotations
 
@@ -130,6 +136,23 @@ class GuidedVelocity:
         return v_u + self.cfg_scale * (v_c - v_u)
 
 
+class JointModel(torch.nn.Module):
+    """A joint-sampling model (``joint_dim > 0``) seen as a velocity model of one flat state
+    ``[latent.flatten(1), joint]``, so that every sampler and the guidance treat both parts alike."""
+
+    def __init__(self, model: torch.nn.Module, latent_shape: Sequence[int], joint_dim: int):
+        super().__init__()
+        self.model = model
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.split = int(torch.Size(self.latent_shape).numel())
+        self.joint_dim = int(joint_dim)
+
+    def forward(self, state: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = state[:, : self.split].reshape(state.shape[0], *self.latent_shape)
+        v, v_joint = self.model(x, t, labels, joint=state[:, self.split :])
+        return torch.cat([v.flatten(1), v_joint.to(v.dtype)], dim=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Integrators
 
@@ -192,7 +215,8 @@ def check_options(sampler: str, steps: int, cfg_scale: float, cfg_interval: Sequ
 def sample(model: Callable, noise: torch.Tensor, labels: torch.Tensor | None, *, sampler: str = "euler",
            steps: int = 250, cfg_scale: float = 1.0, cfg_interval: Sequence[float] = (0.0, 1.0),
            timestep_shift: float = 1.0, generator: torch.Generator | None = None,
-           precision: str = "fp32") -> torch.Tensor:
+           precision: str = "fp32", joint_noise: torch.Tensor | None = None,
+           return_joint: bool = False):
     """Integrate ``model`` from ``noise`` (t = 0) to latents (t = 1).
 
     ``model(x, t, labels)`` returns the velocity; ``t`` is a [B] float tensor and the label
@@ -200,6 +224,10 @@ def sample(model: Callable, noise: torch.Tensor, labels: torch.Tensor | None, *,
     integrated in ``noise.dtype``; the model gets inputs in its parameters' dtype, under bf16
     autocast when ``precision='bf16'``. ``generator`` drives the SDE's noise. See the module
     docstring for the samplers, the guidance interval and the shift.
+
+    A model with ``joint_dim > 0`` (REG) is sampled jointly with its extra vector, whose initial
+    noise is ``joint_noise`` or drawn from ``generator``; ``return_joint=True`` returns
+    ``(latents, joint)``.
     """
     check_options(sampler, steps, cfg_scale, cfg_interval, timestep_shift, precision)
     null_label = getattr(model, "num_classes", None)
@@ -214,15 +242,31 @@ def sample(model: Callable, noise: torch.Tensor, labels: torch.Tensor | None, *,
     labels = labels.to(device=noise.device, dtype=torch.long)
     if labels.shape != (b,):
         raise ValueError(f"labels must have shape [{b}], got {tuple(labels.shape)}")
+    joint_dim = int(getattr(model, "joint_dim", 0) or 0)
+    x = noise.clone()
+    if joint_dim:
+        if joint_noise is None:
+            gen_device = generator.device if generator is not None else noise.device
+            joint_noise = torch.randn((b, joint_dim), generator=generator, device=gen_device, dtype=noise.dtype)
+        if joint_noise.shape != (b, joint_dim):
+            raise ValueError(f"joint_noise must have shape [{b}, {joint_dim}], got {tuple(joint_noise.shape)}")
+        model = JointModel(model, noise.shape[1:], joint_dim)
+        x = torch.cat([noise.flatten(1), joint_noise.to(device=noise.device, dtype=noise.dtype)], dim=1)
+    elif joint_noise is not None or return_joint:
+        raise ValueError("joint_noise/return_joint need a model with joint_dim > 0 (e.g. sit with align=reg)")
     vel = GuidedVelocity(model, labels, int(null_label) if null_label is not None else -1, cfg_scale, cfg_interval, precision)
     last = SDE_LAST_STEP if sampler == "euler-maruyama" else 0.0
     grid = time_grid(int(steps), shift=float(timestep_shift), last_step=last).tolist()
-    x = noise.clone()
     if sampler == "euler":
-        return _euler(vel, x, grid)
-    if sampler == "heun":
-        return _heun(vel, x, grid)
-    return _euler_maruyama(vel, x, grid, generator)
+        x = _euler(vel, x, grid)
+    elif sampler == "heun":
+        x = _heun(vel, x, grid)
+    else:
+        x = _euler_maruyama(vel, x, grid, generator)
+    if not joint_dim:
+        return x
+    latents = x[:, : model.split].reshape(noise.shape)
+    return (latents, x[:, model.split :]) if return_joint else latents
 
 
 def sample_labels(n: int, num_classes: int, mode: str = "random", generator: torch.Generator | None = None) -> torch.Tensor:

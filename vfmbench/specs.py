@@ -134,6 +134,9 @@ class MetricSpec(Spec):
     stats: Callable[..., Any] | None = None
     value: Callable[..., Any] | None = None
     protocol_fields: tuple[str, ...] = ()
+    # 'gaussian' when ``stats`` returns {'mu', 'sigma'}: precomputed reference statistics (an ADM
+    # reference batch's mu/sigma) can then stand in for reference features.
+    stats_kind: str = ""
     factory: Callable[..., Any] = lambda: None
 
     kind = "metric"

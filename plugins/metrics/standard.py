@@ -165,19 +165,19 @@ def _specs() -> list[MetricSpec]:
         MetricSpec(
             name="rfid", description="Reconstruction FID: Inception pool_3 Fréchet distance, reconstructions vs their inputs' reference statistics",
             family="reconstruction", higher_is_better=False, inputs="distribution", extractor="inception", feature="pool",
-            stats=gaussian_stage, value=frechet_value, protocol_fields=BASE_PROTOCOL,
+            stats=gaussian_stage, value=frechet_value, stats_kind="gaussian", protocol_fields=BASE_PROTOCOL,
             source=INCEPTION_SOURCE, paper=FID_PAPER, license=INCEPTION_LICENSE, **common,
         ),
         MetricSpec(
             name="gfid", description="Generation FID: Inception pool_3 Fréchet distance, decoded samples vs reference statistics",
             family="generation", higher_is_better=False, inputs="distribution", extractor="inception", feature="pool",
-            stats=gaussian_stage, value=frechet_value, protocol_fields=BASE_PROTOCOL + GEN_PROTOCOL,
+            stats=gaussian_stage, value=frechet_value, stats_kind="gaussian", protocol_fields=BASE_PROTOCOL + GEN_PROTOCOL,
             source=INCEPTION_SOURCE, paper=FID_PAPER, license=INCEPTION_LICENSE, **common,
         ),
         MetricSpec(
             name="sfid", description="Spatial FID: Fréchet distance of the ADM evaluator's mixed_6/conv features (first 7 channels, 2023-d)",
             family="generation", higher_is_better=False, inputs="distribution", extractor="inception", feature="spatial",
-            stats=gaussian_stage, value=frechet_value, protocol_fields=BASE_PROTOCOL + GEN_PROTOCOL,
+            stats=gaussian_stage, value=frechet_value, stats_kind="gaussian", protocol_fields=BASE_PROTOCOL + GEN_PROTOCOL,
             source=INCEPTION_SOURCE, paper="Nash et al., Generating Images with Sparse Representations, ICML 2021 (arXiv:2103.03841); " + ADM_PAPER,
             license=INCEPTION_LICENSE, **common,
         ),
