@@ -63,7 +63,8 @@ class VfmConfig:
 @dataclass
 class TrainConfig:
     images: int = 0  # training length, counted in images
-    batch_size: int = 64  # global batch
+    batch_size: int = 64  # global batch = per-device batch x world size x grad_accum
+    grad_accum: int = 1
     lr: float = 1e-4
     ema_halflife_images: float = 0.0  # 0 = no EMA
     ckpt_every_images: int = 0  # 0 = only at the end

@@ -2,6 +2,7 @@
 resume by re-running the same command (model, EMA, optimisers, RNG and data position)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -45,6 +46,17 @@ class IndexStream:
             out.extend(self._permutation(epoch)[off : off + take].tolist())
             pos += take
         return torch.tensor(out, dtype=torch.long)
+
+
+class _PhaseForward(nn.Module):
+    """Routes ``forward(phase, ...)`` to ``module.phase_loss`` so DistributedDataParallel can wrap it."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, phase: str, *args, **kwargs):
+        return self.module.phase_loss(phase, *args, **kwargs)
 
 
 def ema_beta(batch_size: int, halflife_images: float) -> float:
@@ -99,6 +111,7 @@ def train_loop(
     log_path: Path | None = None,
     desc: str = "train",
     max_loss_jump: float = 0.0,
+    grad_accum: int = 1,
 ) -> TrainResult:
     """Train ``module`` for ``total_images`` images.
 
@@ -109,7 +122,28 @@ def train_loop(
     than that factor above the previous step's) is skipped and counted. The checkpoint at
     ``ckpt_path`` is written atomically every ``ckpt_every_images`` and at the end; when it exists
     the loop resumes from it. At the end the EMA weights (if any) are copied into the module.
+
+    Under torchrun (``vfmbench.dist``), ``batch_size`` stays the global batch: each step's indices
+    are the same on every rank, and rank r of world w takes micro-batch slices of
+    ``batch_size / (w * grad_accum)`` images; gradients are averaged by DistributedDataParallel, so
+    a step sees the same global batch whatever the world size. Only rank 0 writes files.
     """
+    from . import dist
+
+    world, rank = dist.world(), dist.rank()
+    if batch_size % (world * grad_accum):
+        raise ValueError(
+            f"global batch {batch_size} is not divisible by world size {world} x grad_accum {grad_accum}; "
+            "change tokenizer/diffusion .train.batch_size or .train.grad_accum"
+        )
+    per_rank = batch_size // (world * grad_accum)
+    runner = _PhaseForward(module)
+    if dist.is_distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [next(module.parameters()).device.index] if next(module.parameters()).is_cuda else None
+        # several phases (generator, discriminator) each use a subset of the parameters
+        runner = DistributedDataParallel(runner, device_ids=device_ids, find_unused_parameters=len(phases) > 1)
     optimisers = [
         torch.optim.AdamW(ph.params, lr=ph.lr, betas=ph.betas, weight_decay=ph.weight_decay) for ph in phases
     ]
@@ -128,12 +162,22 @@ def train_loop(
         for e, v in zip(ema, ck["ema"]):
             e.copy_(v)
         nimg, steps, skipped, prev_loss = ck["nimg"], ck["steps"], ck["skipped"], ck["prev_loss"]
-        _set_rng_state(ck["rng"])
+        rng = ck["rng"]
+        if isinstance(rng, list):  # one state per rank
+            if len(rng) == world:
+                _set_rng_state(rng[rank])
+            else:  # the world size changed: fresh, deterministic per-rank streams
+                torch.manual_seed(seed * world + rank + nimg)
+        else:
+            _set_rng_state(rng)
         resumed_from = nimg
+    elif world > 1:
+        torch.manual_seed(seed * world + rank)
 
     def save() -> None:
-        save_torch(
-            {
+        rng_states = dist.all_gather_object(_rng_state())
+        if rank == 0:
+            state = {
                 "module": trainable_state(module, phases),
                 "optimisers": [o.state_dict() for o in optimisers],
                 "ema": ema,
@@ -141,35 +185,46 @@ def train_loop(
                 "steps": steps,
                 "skipped": skipped,
                 "prev_loss": prev_loss,
-                "rng": _rng_state(),
-            },
-            ckpt_path,
-        )
+                "rng": rng_states if world > 1 else rng_states[0],
+            }
+            save_torch(state, ckpt_path)
+        dist.barrier()
 
     stream = IndexStream(num_items, batch_size, seed)
     log_every = log_every_images or max(batch_size, total_images // 100)
     next_log = (nimg // log_every + 1) * log_every
     next_ckpt = (nimg // ckpt_every_images + 1) * ckpt_every_images if ckpt_every_images else math.inf
-    log_file = open(log_path, "a") if log_path is not None else None
+    log_file = open(log_path, "a") if log_path is not None and rank == 0 else None
     t0 = time.time()
     module.train()
-    bar = tqdm(total=total_images, initial=nimg, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total_images, initial=nimg, desc=desc, unit="img", dynamic_ncols=True, leave=False, disable=rank != 0 or None)
     try:
         while nimg < total_images:
-            batch = get_batch(stream.batch(nimg))
-            inputs, labels = batch[0], batch[1]
-            extras = batch[2] if len(batch) > 2 else {}
+            indices = stream.batch(nimg)
+            micro = []
+            for m in range(grad_accum):
+                lo = (m * world + rank) * per_rank
+                batch = get_batch(indices[lo : lo + per_rank])
+                micro.append((batch[0], batch[1], batch[2] if len(batch) > 2 else {}))
             logs: dict[str, float] = {}
             for ph, opt in zip(phases, optimisers):
                 opt.zero_grad(set_to_none=True)
-                loss, phase_logs = module.phase_loss(ph.name, inputs, labels, nimg, **extras)
-                value = float(loss.detach())
+                total = torch.zeros((), dtype=torch.float64)
+                phase_logs: dict[str, float] = {}
+                for m, (inputs, labels, extras) in enumerate(micro):
+                    sync = m == grad_accum - 1 or not isinstance(runner, torch.nn.parallel.DistributedDataParallel)
+                    ctx = contextlib.nullcontext() if sync else runner.no_sync()
+                    with ctx:
+                        loss, phase_logs = runner(ph.name, inputs, labels, nimg, **extras)
+                        (loss / grad_accum).backward()
+                    total += float(loss.detach()) / grad_accum
+                value = float(dist.all_reduce_mean(total))  # every rank takes the same skip decision
                 jump = max_loss_jump > 0 and ph.name in prev_loss and value > max_loss_jump * max(prev_loss[ph.name], 1e-8)
                 if not math.isfinite(value) or jump:
                     skipped += 1
+                    opt.zero_grad(set_to_none=True)
                     logs[f"{ph.name}/skipped"] = 1.0
                     continue
-                loss.backward()
                 if ph.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(ph.params, ph.grad_clip)
                 opt.step()
@@ -185,7 +240,7 @@ def train_loop(
             bar.update(batch_size)
             if nimg >= next_log or nimg >= total_images:
                 next_log += log_every
-                if log_file is not None:
+                if log_file is not None and rank == 0:
                     log_file.write(json.dumps({"nimg": nimg, "step": steps, **logs}) + "\n")
                     log_file.flush()
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("/loss")})
