@@ -135,15 +135,18 @@ def cmd_run(args) -> int:
 
             print(format_report(report))
         return 0
+    from . import dist
     from .runner import Run
 
+    dist.init_from_env()
     if cfg.run.num_threads:
         import torch
 
         torch.set_num_threads(cfg.run.num_threads)
     run = Run.prepare(host, cfg)
     run.execute()
-    print(run.run_dir)
+    if dist.is_main():
+        print(run.run_dir)
     return 0
 
 

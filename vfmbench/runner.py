@@ -26,6 +26,7 @@ from . import __version__
 from .build import BuildContext, build_diffusion, build_tokenizer, decoder_name, default_cache_dir, param_counts, resolve_device
 from .checkpoint import load_torch, save_torch, write_json
 from .config import STAGES, RunConfig, config_hash
+from .dist import is_main
 from .errors import UserError
 from .evaluate import Evaluator
 from .images import plot_curves, save_grid, save_pairs
@@ -33,6 +34,9 @@ from .interfaces import Tokenizer
 from .plugins import Host
 from .results import SCHEMA_VERSION, write_rows
 from .train import IndexStream, train_loop
+
+# Stages that run on every rank under torchrun (the others run on rank 0).
+PARALLEL_STAGES = ("tokenizer", "diffusion")
 
 # Config keys that do not change what a run computes (excluded from the run directory's hash).
 NON_RESULT_KEYS = {("run", "stages"), ("run", "out"), ("run", "num_threads"), ("run", "cache_dir"), ("metrics", "batch_size")}
@@ -270,7 +274,13 @@ class Run:
 
     # -- stages ---------------------------------------------------------------------------------
     def execute(self) -> Path:
-        self.write_config()
+        """Run the configured stages. Under torchrun the training stages run data-parallel on every
+        rank; the other stages run on rank 0 while the others wait; only rank 0 writes."""
+        from . import dist
+
+        if dist.is_main():
+            self.write_config()
+        dist.barrier()
         t_all = time.time()
         for stage in STAGES:
             if stage not in self.cfg.run.stages:
@@ -280,11 +290,25 @@ class Run:
                 continue
             log(f"{stage}: running")
             t0 = time.time()
-            info = getattr(self, "stage_" + stage.replace("-", "_"))() or {}
-            self.mark_done(stage, {"seconds": round(time.time() - t0, 2), **info})
+            if stage in PARALLEL_STAGES or dist.is_main():
+                info = getattr(self, "stage_" + stage.replace("-", "_"))() or {}
+                if dist.is_main():
+                    self.mark_done(stage, {"seconds": round(time.time() - t0, 2), "world_size": dist.world(), **info})
+            if stage not in PARALLEL_STAGES:
+                self._reload_after_rank0_stage(stage)
+            dist.barrier()
             log(f"{stage}: finished in {time.time() - t0:.1f} s")
         log(f"run finished in {time.time() - t_all:.1f} s: {self.run_dir}")
         return self.run_dir
+
+    def _reload_after_rank0_stage(self, stage: str) -> None:
+        """Other ranks pick up what rank 0 computed (the latent statistics)."""
+        from . import dist
+
+        dist.barrier()
+        if stage == "latents" and not dist.is_main() and self._tokenizer is not None:
+            s = load_torch(self.stage_dir("latents") / "stats.pt", self.device)
+            self._tokenizer.set_latent_stats(s["mean"], s["std"])
 
     def stage_tokenizer(self) -> dict[str, Any]:
         d = self.stage_dir("tokenizer")
@@ -311,14 +335,17 @@ class Run:
                     tok, tok.training_phases(st.lr), lambda idx: self._image_batch("train", idx), len(self.dataset("train")),
                     total_images=st.images, batch_size=tc.batch_size, ckpt_path=d / f"ckpt-{tag}.pt", seed=self.cfg.run.seed + i,
                     ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images,
-                    log_every_images=tc.log_every_images, log_path=d / f"train_log-{tag}.jsonl", desc=f"tokenizer {st.name}",
+                    log_every_images=tc.log_every_images, grad_accum=tc.grad_accum, log_path=d / f"train_log-{tag}.jsonl", desc=f"tokenizer {st.name}",
                 )
-                save_torch(tok.weights_state(), final)
-                plot_curves(d / f"train_log-{tag}.jsonl", d / f"curves-{tag}.png", title=f"{tok.spec.name} training ({st.name})")
+                if is_main():
+                    save_torch(tok.weights_state(), final)
+                    plot_curves(d / f"train_log-{tag}.jsonl", d / f"curves-{tag}.png", title=f"{tok.spec.name} training ({st.name})")
                 info["stages"].append({"stage": st.name, "images": result.nimg, "steps": result.steps,
                                        "skipped_steps": result.skipped_steps, "resumed_from": result.resumed_from})
-        save_torch(tok.weights_state(), d / "model.pt")
         tok.eval()
+        if not is_main():
+            return info
+        save_torch(tok.weights_state(), d / "model.pt")
         with torch.no_grad():
             images, _ = self._image_batch("val", torch.arange(min(8, len(self.dataset("val")))))
             save_pairs(images.cpu(), tok.reconstruct(images, torch.Generator(self.device).manual_seed(0)).cpu(), d / "reconstructions.png")
@@ -456,22 +483,52 @@ class Run:
         torch.manual_seed(self.cfg.run.seed + 1)
         model = self.diffusion_model()
         tc = self.cfg.diffusion.train
+        # Diffusion-side VFM alignment (REPA/REG): per-item targets for the image or its flip.
+        request = model.alignment_request() if hasattr(model, "alignment_request") else None
+        align = None
+        if request is not None:
+            from .alignment import alignment_targets
+
+            ds = self.dataset("train")
+            align = alignment_targets(
+                self.host, self.cfg, request, device=self.device, cache_dir=default_cache_dir(self.cfg), stats=self.feature_stats,
+                key_fields={"dataset": getattr(ds, "cache_id", self.cfg.data.dataset), "split": "train", "resolution": self.cfg.data.resolution, "images": len(ds)},
+                batches=lambda flip: (x.flip(-1) if flip else x for x, _ in self._iter_split("train", 0, "alignment features")),
+                images=lambda idx: self._image_batch("train", idx)[0],
+            )
 
         def get_batch(idx: torch.Tensor):
             idx = idx.to(self.device)
             use_flip = torch.rand(idx.shape[0], device=self.device) < 0.5  # global RNG: restored on resume
             x = torch.where(use_flip.view(-1, 1, 1, 1), zf[idx], z[idx])
-            return x, labels[idx]
+            if align is None:
+                return x, labels[idx]
+            return x, labels[idx], align(idx, use_flip, self.device)
 
-        result = train_loop(
-            model, model.training_phases(tc.lr), get_batch, z.shape[0], total_images=tc.images, batch_size=tc.batch_size,
-            ckpt_path=d / "ckpt.pt", seed=self.cfg.run.seed + 1, ema_halflife_images=tc.ema_halflife_images,
-            ckpt_every_images=tc.ckpt_every_images, log_every_images=tc.log_every_images, log_path=d / "train_log.jsonl",
-            desc="diffusion",
-        )
+        # Convergence evaluation: train in segments, sample and evaluate the EMA weights after each.
+        from .convergence import ConvergenceCurve
+
+        settings = model.convergence_eval() if hasattr(model, "convergence_eval") else None
+        curve = ConvergenceCurve(self, model, settings, d) if settings else None
+        first = None
+        for total in curve.points(tc.images) if curve else [tc.images]:
+            result = train_loop(
+                model, model.training_phases(tc.lr), get_batch, z.shape[0], total_images=total, batch_size=tc.batch_size,
+                ckpt_path=d / "ckpt.pt", seed=self.cfg.run.seed + 1, ema_halflife_images=tc.ema_halflife_images,
+                ckpt_every_images=tc.ckpt_every_images, log_every_images=tc.log_every_images or max(tc.batch_size, tc.images // 100),
+                log_path=d / "train_log.jsonl", desc="diffusion",
+            )
+            first = first or result
+            if curve is not None:
+                curve.evaluate(result.nimg)
         save_torch(model.state_dict(), d / "model.pt")
         plot_curves(d / "train_log.jsonl", d / "curves.png", title=f"{model.spec.name} training")
-        return {"params": param_counts(model), "images": result.nimg, "steps": result.steps, "resumed_from": result.resumed_from, "skipped_steps": result.skipped_steps}
+        info = {"params": param_counts(model), "images": result.nimg, "steps": result.steps, "resumed_from": first.resumed_from, "skipped_steps": result.skipped_steps}
+        if align is not None:
+            info["vfm_feature_cache"] = dataclasses.asdict(self.feature_stats)
+        if curve is not None:
+            info["convergence_gfid"] = curve.summary()
+        return info
 
     def stage_sample(self) -> dict[str, Any]:
         from .metrics.adm import write_samples_npz
@@ -506,6 +563,7 @@ class Run:
 
     def stage_gen_eval(self) -> dict[str, Any]:
         from .metrics.adm import read_samples_npz
+        from .results import read_rows
 
         d = self.stage_dir("gen-eval")
         d.mkdir(parents=True, exist_ok=True)
@@ -521,13 +579,16 @@ class Run:
             "cfg_scale": sc.cfg_scale, "cfg_interval": list(sc.cfg_interval), "timestep_shift": sc.timestep_shift,
             "label_sampling": sc.label_sampling, "sample_precision": sc.precision,
             "diffusion_images": self.cfg.diffusion.train.images,
+            "diffusion_epochs": round(self.cfg.diffusion.train.images / len(self.dataset("train")), 4),
         }
         if self.cfg.metrics.reference:
             reference = ev.adm_reference(self.cfg.metrics.reference)
         else:
             reference = ev.dataset_reference(self.val_reference_key(n), self.val_reference_batches(n))
         rows = ev.finish("generation", reference, extra_protocol=extra)
-        write_rows(d / "rows.jsonl", [self.row(r, images={"samples": "sample/samples.png"}) for r in rows])
+        rows = [self.row(r, images={"samples": "sample/samples.png"}) for r in rows]
+        curve = self.stage_dir("diffusion") / "convergence.jsonl"  # gFID-versus-images rows of the diffusion stage
+        write_rows(d / "rows.jsonl", rows + (read_rows(curve) if curve.exists() else []))
         return {"metrics": {r["metric"]: r["value"] for r in rows}}
 
     def stage_results(self) -> dict[str, Any]:
