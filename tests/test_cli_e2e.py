@@ -150,9 +150,12 @@ def test_sigkill_during_diffusion_resumes_without_retraining_tokenizer(tmp_path)
 
 @pytest.mark.slow
 def test_example_plugin_installs_and_runs(tmp_path):
-    target = tmp_path / "site"
+    import shutil
+
+    target, src = tmp_path / "site", tmp_path / "src"
+    shutil.copytree(ROOT / "examples" / "vfmbench-example-plugin", src)  # the build leaves files next to the sources
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-                    str(ROOT / "examples" / "vfmbench-example-plugin")], check=True, capture_output=True)
+                    str(src)], check=True, capture_output=True)
     env = {"PYTHONPATH": str(target) + os.pathsep + os.environ.get("PYTHONPATH", ""), "VFMBENCH_LOAD_PLUGINS": "patch-ae"}
     listing = json.loads(vfmbench("plugins", "--json", env=env).stdout)
     ex = next(p for p in listing if p["name"] == "patch-ae")
