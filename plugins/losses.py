@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -45,6 +46,23 @@ def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, in
     return F.adaptive_avg_pool2d(fmap, size)
 
 
+def feature_regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "cosine",
+                            normalize_target: bool = True) -> torch.Tensor:
+    """Direct regression of features ``pred`` [B, D, h, w] onto ``target`` [B, D, h, w] (detached): the
+    distillation objective. ``cosine``: mean over positions of 1 - cos(pred_p, target_p) (no margin);
+    ``mse``: mean squared error, against the target layer-normalised over D when ``normalize_target``."""
+    if pred.shape != target.shape:
+        raise ValueError(f"feature_regression_loss needs equal shapes, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    target = target.detach()
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(pred, target, dim=1)).mean()
+    if kind == "mse":
+        if normalize_target:
+            target = F.layer_norm(target.movedim(1, -1), (target.shape[1],)).movedim(-1, 1)
+        return F.mse_loss(pred, target)
+    raise ValueError(f"feature_regression_loss kind must be 'cosine' or 'mse', got {kind!r}")
+
+
 def adaptive_weight(rec_loss: torch.Tensor, other_loss: torch.Tensor, weight: torch.Tensor, scale: float,
                     max_value: float = 1e8) -> torch.Tensor:
     """``scale * ||dL_rec/dW|| / (||dL_other/dW|| + 1e-4)``, detached and clamped to [0, max_value]."""
@@ -78,3 +96,57 @@ def feature_matching_loss(real_feats: Sequence[Sequence[torch.Tensor]], fake_fea
         w = 4.0 / max(len(real) - 1, 1)
         total = total + sum(w * F.l1_loss(f, r.detach()) for r, f in zip(real, fake))
     return total / max(len(real_feats), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction terms and the safe-loss guard (VFM-VAE)
+
+
+def ssim_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM (torchmetrics, 11x11 Gaussian window, data range 2) of images in [-1, 1]; ``x`` is
+    clamped to [-1, 1] first. Differentiable with respect to ``x``."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    ssim = structural_similarity_index_measure(x.clamp(-1.0, 1.0), y.clamp(-1.0, 1.0), data_range=2.0)
+    return 1.0 - ssim
+
+
+def multiscale_l1(outputs: Sequence[torch.Tensor], target: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Sum over ``outputs`` (lower-resolution RGB predictions) of the L1 against ``target`` resized
+    to each output's size with ``mode`` (antialiased when shrinking)."""
+    total = target.new_zeros(())
+    for out in outputs:
+        t = target
+        if t.shape[-2:] != out.shape[-2:]:
+            shrink = out.shape[-2] < t.shape[-2] or out.shape[-1] < t.shape[-1]
+            t = F.interpolate(t, size=out.shape[-2:], mode=mode, align_corners=False if mode != "nearest" else None, antialias=shrink and mode in ("bilinear", "bicubic"))
+        total = total + (out - t).abs().mean()
+    return total
+
+
+class SafeLossGuard:
+    """VFM-VAE's safe-loss rule for one optimiser step: a step is unsafe when any watched term is
+    non-finite, or, once ``warmup_images`` images have been seen since this guard was made (a
+    (re)start), when a term exceeds ``factor`` times its last accepted value (``factor`` > 0) or
+    its magnitude exceeds ``limit`` (``limit`` > 0). ``check`` counts unsafe steps in ``skipped``."""
+
+    def __init__(self, factor: float = 10.0, warmup_images: int = 0, limit: float = 0.0):
+        self.factor, self.warmup_images, self.limit = float(factor), int(warmup_images), float(limit)
+        self.previous: dict[str, float] = {}
+        self.seen = 0
+        self.skipped = 0
+
+    def check(self, terms: dict[str, float], images: int) -> bool:
+        """Record a step of ``images`` images with loss ``terms``; True when the step must be skipped."""
+        self.seen += int(images)
+        unsafe = any(not math.isfinite(v) for v in terms.values())
+        if not unsafe and self.seen > self.warmup_images:
+            if self.factor > 0:
+                unsafe = any(k in self.previous and v > self.factor * self.previous[k] for k, v in terms.items())
+            if self.limit > 0:
+                unsafe = unsafe or any(abs(v) > self.limit for v in terms.values())
+        if unsafe:
+            self.skipped += 1
+            return True
+        self.previous.update(terms)
+        return False

@@ -102,8 +102,8 @@ def test_unknown_tokenizer_exits_2_with_suggestion(tmp_path):
 def test_unknown_config_key_exits_2(tmp_path):
     p = vfmbench("run", "--set", "nonexistent.key=1", "--out", str(tmp_path), check=False)
     assert p.returncode == 2 and "nonexistent" in p.stderr
-    p = vfmbench("run", "--set", "tokenizer.args.head_widht=3", "--out", str(tmp_path), check=False)
-    assert p.returncode == 2 and "head_width" in p.stderr
+    p = vfmbench("run", "--set", "tokenizer.args.latent_chanels=3", "--out", str(tmp_path), check=False)
+    assert p.returncode == 2 and "latent_channels" in p.stderr
     p = vfmbench("run", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path), check=False)
     assert p.returncode == 2 and "missing.yaml" in p.stderr
     assert list(tmp_path.iterdir()) == []

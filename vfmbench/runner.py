@@ -57,10 +57,14 @@ def git_hash() -> str:
         return ""
 
 
-def _result_dict(cfg: RunConfig) -> dict[str, Any]:
+def _result_dict(cfg: RunConfig, uses_vfm: bool = True) -> dict[str, Any]:
     d = cfg.to_dict()
     for section, key in NON_RESULT_KEYS:
         d[section].pop(key, None)
+    if not uses_vfm:  # the VFM axis of a sweep does not change a tokenizer that has no VFM
+        d["vfm"].pop("name", None)
+        d["vfm"].pop("weights", None)
+        d["vfm"].pop("layers", None)
     return d
 
 
@@ -74,7 +78,7 @@ def run_name(host: Host, cfg: RunConfig) -> str:
     if dec and dec != tok.default_decoder:
         parts.append(dec)
     parts += [host.diffusion.canonical(cfg.diffusion.name), f"{host.datasets.canonical(cfg.data.dataset)}{cfg.data.resolution}"]
-    return "-".join(parts) + "-" + config_hash(_result_dict(cfg), 8)
+    return "-".join(parts) + "-" + config_hash(_result_dict(cfg, tok.uses_vfm), 8)
 
 
 def validate(host: Host, cfg: RunConfig) -> None:
@@ -487,15 +491,20 @@ class Run:
         request = model.alignment_request() if hasattr(model, "alignment_request") else None
         align = None
         if request is not None:
+            from . import dist
             from .alignment import alignment_targets
 
             ds = self.dataset("train")
+            if not is_main():
+                dist.barrier()  # rank 0 fills the feature cache first
             align = alignment_targets(
                 self.host, self.cfg, request, device=self.device, cache_dir=default_cache_dir(self.cfg), stats=self.feature_stats,
                 key_fields={"dataset": getattr(ds, "cache_id", self.cfg.data.dataset), "split": "train", "resolution": self.cfg.data.resolution, "images": len(ds)},
                 batches=lambda flip: (x.flip(-1) if flip else x for x, _ in self._iter_split("train", 0, "alignment features")),
                 images=lambda idx: self._image_batch("train", idx)[0],
             )
+            if is_main():
+                dist.barrier()
 
         def get_batch(idx: torch.Tensor):
             idx = idx.to(self.device)
@@ -505,24 +514,31 @@ class Run:
                 return x, labels[idx]
             return x, labels[idx], align(idx, use_flip, self.device)
 
-        # Convergence evaluation: train in segments, sample and evaluate the EMA weights after each.
+        # Convergence evaluation: train in segments, sample and evaluate the EMA weights after each (on rank 0).
+        from . import dist
         from .convergence import ConvergenceCurve
 
         settings = model.convergence_eval() if hasattr(model, "convergence_eval") else None
         curve = ConvergenceCurve(self, model, settings, d) if settings else None
         first = None
-        for total in curve.points(tc.images) if curve else [tc.images]:
+        points = curve.points(tc.images) if curve else [tc.images]
+        for i, total in enumerate(points):
+            if curve is not None and i < len(points) - 1 and curve.is_done(total, tc.batch_size):
+                continue  # evaluated before an interruption: training continues in the next segment
             result = train_loop(
                 model, model.training_phases(tc.lr), get_batch, z.shape[0], total_images=total, batch_size=tc.batch_size,
                 ckpt_path=d / "ckpt.pt", seed=self.cfg.run.seed + 1, ema_halflife_images=tc.ema_halflife_images,
                 ckpt_every_images=tc.ckpt_every_images, log_every_images=tc.log_every_images or max(tc.batch_size, tc.images // 100),
-                log_path=d / "train_log.jsonl", desc="diffusion",
+                grad_accum=tc.grad_accum, log_path=d / "train_log.jsonl", desc="diffusion",
             )
             first = first or result
             if curve is not None:
-                curve.evaluate(result.nimg)
-        save_torch(model.state_dict(), d / "model.pt")
-        plot_curves(d / "train_log.jsonl", d / "curves.png", title=f"{model.spec.name} training")
+                if is_main():
+                    curve.evaluate(result.nimg)
+                dist.barrier()
+        if is_main():
+            save_torch(model.state_dict(), d / "model.pt")
+            plot_curves(d / "train_log.jsonl", d / "curves.png", title=f"{model.spec.name} training")
         info = {"params": param_counts(model), "images": result.nimg, "steps": result.steps, "resumed_from": first.resumed_from, "skipped_steps": result.skipped_steps}
         if align is not None:
             info["vfm_feature_cache"] = dataclasses.asdict(self.feature_stats)

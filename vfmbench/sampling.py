@@ -39,9 +39,9 @@ steps at high noise, ``shift < 1`` (LightningDiT's 0.3) more steps near the data
 The guidance interval is compared with the shifted times, i.e. the times the model sees.
 
 Joint sampling (REG): a model with ``joint_dim > 0`` also samples a vector of that width (REG's
-class token) along the same path. ``sample`` draws its initial noise from ``generator`` after the
-latent noise is given, integrates latent and vector as one flat state with the same sampler and
-grid, and calls ``model(x, t, labels, joint=e)``, which returns ``(v, v_e)``; guidance therefore
+class token) along the same path. Its initial noise is ``joint_noise`` or is drawn from
+``generator``; latent and vector are integrated as one flat state with the same sampler and grid,
+and the model is called as ``model(x, t, labels, joint=e)``, returning ``(v, v_e)``, so guidance
 acts on both. Only the latents are returned unless ``return_joint=True``.
 """
 from __future__ import annotations

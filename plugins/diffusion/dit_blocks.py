@@ -1,0 +1,353 @@
+"""Pieces shared by the ``lightningdit`` and ``sit`` diffusion plugins (a module, not a plugin).
+
+``FlowTransformer`` is a DiT skeleton on the latent grid: strided-conv patchify (patch 1 or 2),
+optional fixed 2-D sin-cos position embedding, timestep and class embeddings summed into the
+conditioning vector ``c`` (the null label is ``num_classes``), ``depth`` adaLN-Zero blocks and a
+final adaLN layer, unpatchified back to [B, C, H, W]. The blocks are configurable:
+
+* norm: ``LayerNorm`` (DiT/SiT) or ``RMSNorm`` (LightningDiT), both without affine parameters
+  since adaLN supplies the scale and shift;
+* feed-forward: GELU(tanh) MLP of width ``mlp_ratio * width`` or SwiGLU with hidden width
+  ``int(2/3 * mlp_ratio * width)`` (the same parameter count: 3072 at width 1152);
+* attention: ``F.scaled_dot_product_attention`` with optional RMS QK-norm over the head dimension
+  and optional 2-D rotary embedding (half of each head's channels rotate with the row index,
+  half with the column index; extra prefix tokens such as REG's class token are not rotated).
+
+Zero-initialised modulation and output layers make the untrained model predict v = 0.
+
+Training noise (``draw_training_noise``), with t = 0 noise and t = 1 data as everywhere in vfmbench:
+``uniform`` t ~ U[0, 1]; ``lognormal`` t = sigmoid(mean + std n), n ~ N(0, 1); ``shifted``
+t = u / (s + (1 - s) u), u ~ U[0, 1] (``vfmbench.sampling.shift_time``; s < 1 favours the data
+end). ``time_sampling_until_images`` > 0 switches to ``uniform`` once that many training images
+have been seen (LightningDiT's log-normal-then-uniform schedule). Labels are replaced by the null
+label with probability ``label_dropout``. Draw order: t, eps, dropout mask (as ``flow-dit``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vfmbench.errors import UserError, did_you_mean
+from vfmbench.interfaces import DiffusionModel, Phase
+from vfmbench.sampling import shift_time
+from vfmbench_plugins.diffusion.flow_dit import TimestepEmbedder, modulate, sincos_2d
+
+# width, depth, heads (DiT's S/B/L/XL; 'tiny' is the CPU smoke size)
+SIZES = {"tiny": (128, 4, 4), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
+TIME_SAMPLINGS = ("uniform", "lognormal", "shifted")
+POS_EMBEDS = ("sincos", "none")
+
+
+@dataclass
+class FlowArgs:
+    """Arguments common to ``lightningdit`` and ``sit`` (``diffusion.args``)."""
+
+    size: str = "xl"  # tiny | s | b | l | xl; width/depth/heads > 0 override it
+    width: int = 0
+    depth: int = 0
+    heads: int = 0
+    patch_size: int = 1  # 1 or 2 on the latent grid
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    pos_embed: str = "sincos"  # sincos | none (fixed absolute embedding)
+    label_dropout: float = 0.1  # null-label rate, for classifier-free guidance
+    time_sampling: str = "uniform"  # uniform | lognormal | shifted
+    lognormal_mean: float = 0.0
+    lognormal_std: float = 1.0
+    time_shift: float = 1.0  # 'shifted' sampling: t = u / (s + (1 - s) u)
+    time_sampling_until_images: int = 0  # > 0: switch to uniform after this many images (0 = never)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+    # Convergence evaluation during training (the runner's diffusion stage)
+    eval_every_images: int = 0  # 0 = off; else sample + gFID with the EMA weights every this many images and at the end
+    eval_num_images: int = 0  # samples per evaluation; 0 = diffusion.sample.num_images
+    eval_steps: int = 0  # sampler steps per evaluation; 0 = diffusion.sample.steps
+    eval_cfg_scale: float = 1.0  # guidance of the evaluation samples (1 = none, the papers' convergence tables)
+
+
+def resolve_size(args: FlowArgs) -> tuple[int, int, int]:
+    """(width, depth, heads) from ``size`` with explicit non-zero overrides."""
+    if args.size not in SIZES:
+        raise UserError(f"unknown diffusion.args.size {args.size!r}: {did_you_mean(args.size, list(SIZES))}")
+    w, d, h = SIZES[args.size]
+    return args.width or w, args.depth or d, args.heads or h
+
+
+def check_args(args: FlowArgs, latent_shape: tuple[int, int, int], rope: bool) -> tuple[int, int, int]:
+    """``UserError`` for arguments that cannot build (naming the key to change); returns (width, depth, heads)."""
+    width, depth, heads = resolve_size(args)
+    c, h, w = latent_shape
+    if min(width, depth, heads) < 1:
+        raise UserError("diffusion.args.width, depth and heads must be positive (or 0 for the size's value)")
+    if args.patch_size not in (1, 2):
+        raise UserError(f"diffusion.args.patch_size must be 1 or 2, got {args.patch_size}")
+    if h % args.patch_size or w % args.patch_size:
+        raise UserError(f"latent grid {h}x{w} is not divisible by diffusion.args.patch_size={args.patch_size}; use patch_size=1")
+    if width % heads:
+        raise UserError(f"diffusion.args.width={width} must be a multiple of diffusion.args.heads={heads}")
+    if rope and (width // heads) % 4:
+        raise UserError(f"2-D RoPE needs a head width divisible by 4; width {width} / heads {heads} = {width // heads}")
+    if args.pos_embed not in POS_EMBEDS:
+        raise UserError(f"unknown diffusion.args.pos_embed {args.pos_embed!r}: {did_you_mean(args.pos_embed, POS_EMBEDS)}")
+    if args.pos_embed == "sincos" and width % 4:
+        raise UserError(f"diffusion.args.width={width} must be a multiple of 4 for the sincos position embedding")
+    if args.mlp_ratio <= 0:
+        raise UserError(f"diffusion.args.mlp_ratio must be > 0, got {args.mlp_ratio}")
+    if args.time_sampling not in TIME_SAMPLINGS:
+        raise UserError(f"unknown diffusion.args.time_sampling {args.time_sampling!r}: {did_you_mean(args.time_sampling, TIME_SAMPLINGS)}")
+    if args.lognormal_std <= 0 or args.time_shift <= 0:
+        raise UserError("diffusion.args.lognormal_std and time_shift must be > 0")
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise UserError(f"diffusion.args.label_dropout must be in [0, 1), got {args.label_dropout}")
+    if min(args.time_sampling_until_images, args.eval_every_images, args.eval_num_images, args.eval_steps) < 0:
+        raise UserError("diffusion.args.time_sampling_until_images and eval_* counts must be >= 0")
+    if args.eval_cfg_scale < 0:
+        raise UserError(f"diffusion.args.eval_cfg_scale must be >= 0 (1 = no guidance), got {args.eval_cfg_scale}")
+    return width, depth, heads
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding on a 2-D grid
+
+
+def rope_2d(head_dim: int, gh: int, gw: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [gh*gw, head_dim], for tokens in row-major order.
+
+    Channel layout of a head: [axis (row, column), half (a, b), frequency (head_dim / 4)]; the pair
+    (a_f, b_f) of an axis rotates by ``pos * theta^(-f / (head_dim / 4))``.
+    """
+    q = head_dim // 4
+    freqs = theta ** (-torch.arange(q, dtype=torch.float64) / q)
+    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
+    ang_r = rows.flatten()[:, None] * freqs[None]
+    ang_c = cols.flatten()[:, None] * freqs[None]
+    ang = torch.cat([ang_r, ang_r, ang_c, ang_c], dim=1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(a, b) -> (-b, a) within each axis of the ``rope_2d`` channel layout."""
+    x = x.unflatten(-1, (2, 2, -1))
+    return torch.stack((-x[..., 1, :], x[..., 0, :]), dim=-2).flatten(-3)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the last ``cos.shape[0]`` tokens of x [B, H, T, hd]; earlier (prefix) tokens are left as they are."""
+    n = cos.shape[0]
+    p = x.shape[-2] - n
+    tail = x[..., p:, :]
+    rot = tail * cos + rotate_pairs(tail) * sin
+    return torch.cat([x[..., :p, :], rot], dim=-2) if p else rot
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads = heads
+        head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q.float()), self.k_norm(k.float())  # fp32 under autocast
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)
+        return self.proj(o.transpose(1, 2).reshape(b, n, d))
+
+
+class SwiGLU(nn.Module):
+    """``fc2(silu(a) * b)`` with ``[a, b] = fc1(x)`` and hidden width ``int(2/3 * mlp_ratio * width)``."""
+
+    def __init__(self, width: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(2 * mlp_ratio * width / 3)
+        self.fc1 = nn.Linear(width, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(a) * b)
+
+
+def _norm(width: int, rms: bool) -> nn.Module:
+    if rms:
+        return nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
+    return nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+
+
+class Block(nn.Module):
+    """Pre-norm attention + feed-forward, each modulated (shift, scale) and gated by adaLN-Zero."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, swiglu: bool, rmsnorm: bool):
+        super().__init__()
+        self.norm1 = _norm(width, rmsnorm)
+        self.attn = Attention(width, heads, qk_norm)
+        self.norm2 = _norm(width, rmsnorm)
+        if swiglu:
+            self.mlp = SwiGLU(width, mlp_ratio)
+        else:
+            hidden = int(width * mlp_ratio)
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=1)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class FinalLayer(nn.Module):
+    """Norm, adaLN (shift, scale), linear to ``out`` values per token. ``features`` is the part before the linear."""
+
+    def __init__(self, width: int, out: int, rmsnorm: bool):
+        super().__init__()
+        self.norm = _norm(width, rmsnorm)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, out)
+
+    def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(c).chunk(2, dim=1)
+        return modulate(self.norm(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x, c))
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared model skeleton
+
+
+class FlowTransformer(DiffusionModel):
+    """DiT skeleton with linear flow matching (velocity prediction) on normalised latents.
+
+    Subclasses choose the block type and add their own loss terms; they call ``init_weights()``
+    once all their modules exist.
+    """
+
+    def __init__(self, args: FlowArgs, latent_shape: tuple[int, int, int], num_classes: int, *,
+                 swiglu: bool, rmsnorm: bool, rope: bool, name: str):
+        super().__init__()
+        width, depth, heads = check_args(args, latent_shape, rope)
+        if num_classes < 1:
+            raise UserError(f"{name} needs at least one class, got num_classes={num_classes}")
+        self.args = args
+        self.num_classes = int(num_classes)
+        self.latent_shape = tuple(int(v) for v in latent_shape)
+        self.width, self.depth, self.heads = width, depth, heads
+        c, h, w = self.latent_shape
+        p = args.patch_size
+        self.grid = (h // p, w // p)
+        self.x_embed = nn.Conv2d(c, width, kernel_size=p, stride=p)
+        if args.pos_embed == "sincos":
+            self.register_buffer("pos", sincos_2d(width, *self.grid)[None], persistent=False)
+        else:
+            self.pos = None
+        self.use_rope = rope
+        if rope:
+            cos, sin = rope_2d(width // heads, *self.grid)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.t_embed = TimestepEmbedder(width)
+        self.y_embed = nn.Embedding(num_classes + 1, width)  # last row: the null label
+        self.blocks = nn.ModuleList(Block(width, heads, args.mlp_ratio, args.qk_norm, swiglu, rmsnorm) for _ in range(depth))
+        self.final = FinalLayer(width, p * p * c, rmsnorm)
+
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embed.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        for blk in self.blocks:  # adaLN-Zero
+            nn.init.zeros_(blk.ada[-1].weight)
+            nn.init.zeros_(blk.ada[-1].bias)
+        for m in (self.final.ada[-1], self.final.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # -- pieces of the forward pass --
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.x_embed(x).flatten(2).transpose(1, 2)
+        return tokens + self.pos if self.pos is not None else tokens
+
+    def condition(self, t: torch.Tensor, labels: torch.Tensor, batch: int) -> torch.Tensor:
+        t = torch.as_tensor(t, device=labels.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        return self.t_embed(t) + self.y_embed(labels)
+
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.rope_cos, self.rope_sin) if self.use_rope else None
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N, p*p*C] -> [B, C, H, W] (tokens row-major, each patch laid out (p, p, C))."""
+        c = self.latent_shape[0]
+        p = self.args.patch_size
+        gh, gw = self.grid
+        x = tokens.reshape(tokens.shape[0], gh, gw, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(tokens.shape[0], c, gh * p, gw * p)
+
+    # -- training --
+    def time_sampling_at(self, nimg: int) -> str:
+        a = self.args
+        if a.time_sampling_until_images and nimg >= a.time_sampling_until_images:
+            return "uniform"
+        return a.time_sampling
+
+    def draw_time(self, b: int, nimg: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        mode, a = self.time_sampling_at(nimg), self.args
+        if mode == "lognormal":
+            return torch.sigmoid(a.lognormal_mean + a.lognormal_std * torch.randn(b, generator=generator, device=device))
+        u = torch.rand(b, generator=generator, device=device)
+        return shift_time(u, a.time_shift) if mode == "shifted" else u
+
+    def draw_training_noise(self, latents: torch.Tensor, labels: torch.Tensor, nimg: int = 0,
+                            generator: torch.Generator | None = None):
+        """(t [B], eps like latents, labels with dropout) for one step at ``nimg`` images, drawn in this order."""
+        b, dev = latents.shape[0], latents.device
+        t = self.draw_time(b, nimg, generator, dev)
+        eps = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
+        drop = torch.rand(b, generator=generator, device=dev) < self.args.label_dropout
+        return t, eps, torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def training_phases(self, lr: float) -> list[Phase]:
+        a = self.args
+        return [Phase("diffusion", [p for p in self.parameters() if p.requires_grad], lr,
+                      betas=(a.beta1, a.beta2), weight_decay=a.weight_decay, grad_clip=a.grad_clip)]
+
+    def convergence_eval(self) -> dict[str, Any] | None:
+        """The runner's convergence-evaluation settings, or None when ``eval_every_images`` is 0."""
+        a = self.args
+        if not a.eval_every_images:
+            return None
+        return {"every_images": a.eval_every_images, "num_images": a.eval_num_images, "steps": a.eval_steps, "cfg_scale": a.eval_cfg_scale}
+
+
+def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - t) eps + t x`` with t [B] broadcast over the other dimensions."""
+    te = t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return (1 - te) * eps + te * x
+
+
+def mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)

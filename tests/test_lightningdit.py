@@ -1,0 +1,283 @@
+"""lightningdit: shapes, RoPE, the flow-matching + cosine loss, time sampling, label dropout,
+XL parameter counts (meta device), and a small class-conditional fit on CPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from vfmbench.config import validate_args
+from vfmbench.errors import UserError
+from vfmbench.interfaces import DiffusionModel
+from vfmbench.sampling import sample, sample_labels, shift_time
+from vfmbench.specs import DiffusionSpec
+from vfmbench_plugins.diffusion import lightningdit
+from vfmbench_plugins.diffusion.dit_blocks import apply_rope, rope_2d
+from vfmbench_plugins.diffusion.lightningdit import LightningDiTArgs, factory
+
+TINY = dict(size="tiny", width=32, depth=2, heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster, and robust when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(latent_shape=(4, 8, 8), num_classes=10, **kw) -> lightningdit.LightningDiT:
+    torch.manual_seed(0)
+    return factory(LightningDiTArgs(**{**TINY, **kw}), latent_shape, num_classes)
+
+
+def perturb(model: torch.nn.Module) -> None:
+    """Give the zero-initialised (adaLN-Zero) weights random values so outputs depend on inputs."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("shape,kw", [((4, 8, 8), dict(patch_size=1)), ((4, 8, 8), dict(patch_size=2)),
+                                      ((3, 4, 6), dict(patch_size=2, pos_embed="none", rope=False, swiglu=False, rmsnorm=False))])
+def test_forward_shapes_and_zero_init(shape, kw):
+    m = tiny(shape, **kw)
+    assert isinstance(m, DiffusionModel) and m.num_classes == 10
+    x = torch.randn(5, *shape)
+    y = torch.tensor([0, 3, 9, 10, 10])
+    out = m(x, torch.rand(5), y)
+    assert out.shape == x.shape and torch.equal(out, torch.zeros_like(out))  # adaLN-Zero: v = 0 untrained
+    perturb(m)
+    out = m(x, torch.rand(5), y)
+    assert out.abs().mean() > 0
+    assert m(x, torch.tensor(0.3), y).shape == x.shape  # scalar t broadcasts
+    # no leakage across the batch; the class and the time change the output
+    t = torch.full((5,), 0.5)
+    base = m(x, t, y)
+    torch.testing.assert_close(m(x[:1], t[:1], y[:1]), base[:1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(base, m(x, t, torch.tensor([1, 1, 1, 1, 1])))
+    assert not torch.allclose(base, m(x, torch.full((5,), 0.9), y))
+
+
+def test_blocks_are_the_lightningdit_kind():
+    m = tiny(width=48, heads=4)
+    blk = m.blocks[0]
+    assert isinstance(blk.norm1, torch.nn.RMSNorm) and blk.norm1.weight is None
+    assert isinstance(blk.attn.q_norm, torch.nn.RMSNorm)
+    assert blk.mlp.fc1.out_features == 2 * 128 and blk.mlp.fc2.in_features == 128  # SwiGLU hidden int(2/3 * 4 * 48)
+    assert m.use_rope and m.rope_cos.shape == (64, 12) and m.pos.shape == (1, 64, 48)
+
+
+def test_rope_depends_on_relative_position_only():
+    gh, gw, hd = 3, 4, 8
+    cos, sin = rope_2d(hd, gh, gw)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(hd, generator=g), torch.randn(hd, generator=g)
+    n = gh * gw
+    qr = apply_rope(q.expand(1, 1, n, hd), cos, sin)[0, 0]
+    kr = apply_rope(k.expand(1, 1, n, hd), cos, sin)[0, 0]
+    torch.testing.assert_close(qr.norm(dim=-1), q.norm().expand(n))  # a rotation
+    dots = qr @ kr.T  # [n, n]
+    pos = [(i // gw, i % gw) for i in range(n)]
+    by_offset: dict[tuple[int, int], list[float]] = {}
+    for i, (ri, ci) in enumerate(pos):
+        for j, (rj, cj) in enumerate(pos):
+            by_offset.setdefault((ri - rj, ci - cj), []).append(float(dots[i, j]))
+    for vals in by_offset.values():
+        assert max(vals) - min(vals) < 1e-4
+    assert len({round(v[0], 3) for v in by_offset.values()}) > 10  # and it does depend on the offset
+    # prefix tokens (e.g. a class token) are left untouched
+    x = torch.randn(2, 1, n + 1, hd, generator=g)
+    out = apply_rope(x, cos, sin)
+    assert torch.equal(out[:, :, 0], x[:, :, 0]) and torch.allclose(out[:, :, 1:], apply_rope(x[:, :, 1:], cos, sin))
+
+
+def test_loss_equals_manual_computation():
+    m = tiny(label_dropout=0.3, cos_loss_weight=0.7)
+    perturb(m)
+    x = torch.randn(16, 4, 8, 8)
+    y = torch.randint(0, 10, (16,))
+    torch.manual_seed(7)
+    loss, logs = m.phase_loss("diffusion", x, y, nimg=0)
+    torch.manual_seed(7)
+    t, eps, y_in = m.draw_training_noise(x, y, 0)
+    te = t.view(-1, 1, 1, 1)
+    x_t = (1 - te) * eps + te * x
+    pred = m(x_t, t, y_in)
+    target = x - eps
+    mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    cos = (pred * target).sum(1) / (pred.norm(dim=1) * target.norm(dim=1))  # over channels, per position
+    cos_loss = (1 - cos).mean(dim=(1, 2))
+    torch.testing.assert_close(loss, mse.mean() + 0.7 * cos_loss.mean())
+    assert logs["mse"] == pytest.approx(mse.mean().item(), rel=1e-5) and logs["cos"] == pytest.approx(cos_loss.mean().item(), rel=1e-5)
+    assert loss.requires_grad
+    with pytest.raises(ValueError, match="diffusion"):
+        m.phase_loss("generator", x, y, nimg=0)
+    # cos_loss_weight=0 is the plain flow-matching loss
+    m0 = tiny(cos_loss_weight=0.0)
+    torch.manual_seed(7)
+    loss0, _ = m0.phase_loss("diffusion", x, y, nimg=0)
+    torch.manual_seed(7)
+    t, eps, _ = m0.draw_training_noise(x, y, 0)
+    torch.testing.assert_close(loss0, ((x - eps) ** 2).mean())  # untrained: v = 0
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5])
+def test_label_dropout_rate(rate):
+    m = tiny(label_dropout=rate)
+    n = 40000
+    y = torch.randint(0, 10, (n,))
+    _, _, y_in = m.draw_training_noise(torch.zeros(n, 1, 1, 1), y, 0, generator=torch.Generator().manual_seed(0))
+    dropped = y_in == 10
+    assert torch.equal(y_in[~dropped], y[~dropped])
+    se = (rate * (1 - rate) / n) ** 0.5
+    assert abs(dropped.float().mean().item() - rate) <= 4 * se + 1e-12
+
+
+def test_time_sampling_modes_and_schedule_switch():
+    n = 40000
+    z = torch.zeros(n, 1, 1, 1)
+    y = torch.zeros(n, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    m = tiny(time_sampling="lognormal", lognormal_mean=0.5, lognormal_std=0.8, time_sampling_until_images=1000)
+    t, eps, _ = m.draw_training_noise(z, y, 999, generator=g)
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean() - 0.5) < 0.02 and abs(logit.std() - 0.8) < 0.02 and abs(eps.std() - 1) < 0.02
+    t, _, _ = m.draw_training_noise(z, y, 1000, generator=g)  # switched to uniform
+    assert abs(t.mean() - 0.5) < 0.01 and abs(t.var() - 1 / 12) < 0.003
+    s = 0.3
+    t, _, _ = tiny(time_sampling="shifted", time_shift=s).draw_training_noise(z, y, 0, generator=g)
+    u = s * t / (1 - (1 - s) * t)  # the inverse of the shift: uniform again
+    torch.testing.assert_close(shift_time(u, s), t)
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.003
+    assert t.mean() > 0.6  # s < 1 favours the data end (t = 1)
+
+
+def test_args_and_phases():
+    m = tiny(weight_decay=0.01, grad_clip=2.0, beta2=0.99)
+    (ph,) = m.training_phases(3e-4)
+    assert ph.name == "diffusion" and ph.lr == 3e-4 and ph.betas == (0.9, 0.99) and ph.weight_decay == 0.01 and ph.grad_clip == 2.0
+    assert sum(p.numel() for p in ph.params) == sum(p.numel() for p in m.parameters())
+    args = validate_args(LightningDiTArgs, {"size": "b", "time_sampling": "shifted", "time_shift": 0.5}, "diffusion.args")
+    assert isinstance(args, LightningDiTArgs) and args.size == "b"
+    with pytest.raises(UserError, match="patch_size"):
+        factory(LightningDiTArgs(patch_size=2, **TINY), (4, 5, 5), 10)
+    with pytest.raises(UserError, match="RoPE"):
+        factory(LightningDiTArgs(size="tiny", width=24, heads=4), (4, 4, 4), 10)
+    with pytest.raises(UserError, match="size"):
+        factory(LightningDiTArgs(size="huge"), (4, 4, 4), 10)
+    with pytest.raises(UserError, match="time_sampling"):
+        factory(LightningDiTArgs(time_sampling="lognorm", **TINY), (4, 4, 4), 10)
+    assert m.convergence_eval() is None
+    assert tiny(eval_every_images=64, eval_steps=4).convergence_eval() == {"every_images": 64, "num_images": 0, "steps": 4, "cfg_scale": 1.0}
+
+
+def test_registration():
+    specs = []
+    lightningdit.register_diffusion_models(register=specs.append)
+    (spec,) = specs
+    assert isinstance(spec, DiffusionSpec) and spec.name == "lightningdit" and spec.config is LightningDiTArgs
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts of the XL configurations (built on the meta device, as --dry-run does)
+
+
+def dit_xl_params(width=1152, depth=28, heads=16, channels=32, patch=1, classes=1000, swiglu=True) -> int:
+    """DiT-style count: blocks (qkv, proj, QK-norm weights, feed-forward, adaLN) + embeddings + final layer."""
+    w, hd = width, width // heads
+    if swiglu:
+        h = int(2 * 4 * w / 3)
+        ffn = w * 2 * h + 2 * h + h * w + w
+    else:
+        ffn = w * 4 * w + 4 * w + 4 * w * w + w
+    block = (3 * w * w + 3 * w) + (w * w + w) + 2 * hd + ffn + (6 * w * w + 6 * w)
+    embed = (channels * patch * patch * w + w) + (256 * w + w + w * w + w) + (classes + 1) * w
+    final = (2 * w * w + 2 * w) + (w * patch * patch * channels + patch * patch * channels)
+    return depth * block + embed + final
+
+
+def meta_params(spec_factory, args) -> int:
+    with torch.device("meta"):
+        m = spec_factory(args, (32, 16, 16), 1000)
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_xl_parameter_counts_match_the_published_sizes():
+    from vfmbench_plugins.diffusion.sit import SiTArgs
+    from vfmbench_plugins.diffusion.sit import factory as sit_factory
+
+    n_light = meta_params(factory, LightningDiTArgs())
+    assert n_light == dit_xl_params() == 674_900_192  # LightningDiT-XL/1: "675M"
+    n_sit = meta_params(sit_factory, SiTArgs())
+    assert n_sit == dit_xl_params(swiglu=False) == 674_857_184  # SiT-XL/1: "675M"
+    n_reg = meta_params(sit_factory, SiTArgs(align="reg"))
+    projector = (1152 * 2048 + 2048) + (2048 * 2048 + 2048) + (2048 * 768 + 768)
+    cls_io = (768 * 1152 + 1152) + (1152 * 768 + 768)
+    assert n_reg == n_sit + projector + cls_io == 684_759_904  # SiT-XL/1 + REG: "685M"
+    assert meta_params(sit_factory, SiTArgs(align="repa")) == n_sit + projector
+
+
+def test_paper_presets_build_the_xl_models(host):
+    from vfmbench.build import build_diffusion
+    from vfmbench.cli import resolve_run_config
+
+    counts = {}
+    for preset in ("lightningdit-xl1-paper", "reg-sit-xl1-paper"):
+        cfg = resolve_run_config(host, preset, None, [], {k: None for k in ("tokenizer", "vfm", "decoder", "diffusion", "dataset", "out")})
+        with torch.device("meta"):
+            m = build_diffusion(host, cfg, (32, 16, 16), 1000)
+        counts[preset] = sum(p.numel() for p in m.parameters())
+    assert counts == {"lightningdit-xl1-paper": 674_900_192, "reg-sit-xl1-paper": 684_759_904}
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: fit a class-conditional Gaussian mixture
+
+
+def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten(1).double().numpy(), b.flatten(1).double().numpy()
+    c1, c2 = np.cov(a.T), np.cov(b.T)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real))
+
+
+def test_tiny_model_learns_a_class_conditional_mixture():
+    k, shape = 4, (2, 2, 2)
+    modes = 2.0 * torch.randn(k, 8, generator=torch.Generator().manual_seed(0))
+
+    def data(n, g):
+        y = torch.randint(0, k, (n,), generator=g)
+        return (modes[y] + 0.25 * torch.randn(n, 8, generator=g)).view(n, *shape), y
+
+    torch.manual_seed(0)
+    model = factory(LightningDiTArgs(size="tiny", width=64, depth=2, heads=4, time_sampling="uniform"), shape, k)
+    ref, _ = data(2000, torch.Generator().manual_seed(9))
+    labels = sample_labels(1000, k, "balanced", torch.Generator().manual_seed(2))
+    z = torch.randn(1000, *shape, generator=torch.Generator().manual_seed(3))
+    fd_untrained = frechet(sample(model, z, labels, steps=10), ref)
+
+    (ph,) = model.training_phases(2e-3)
+    opt = torch.optim.AdamW(ph.params, lr=ph.lr, betas=ph.betas, weight_decay=ph.weight_decay)
+    g = torch.Generator().manual_seed(1)
+    first = None
+    for step in range(130):
+        x, y = data(256, g)
+        loss, logs = model.phase_loss("diffusion", x, y, nimg=step * 256)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ph.params, ph.grad_clip)
+        opt.step()
+        first = logs["mse"] if first is None else first
+    assert logs["mse"] < 0.3 * first
+
+    model.eval()
+    out = sample(model, z, labels, sampler="heun", steps=10)
+    fd_trained = frechet(out, ref)
+    assert fd_trained < 0.05 * fd_untrained, (fd_trained, fd_untrained)
+    nearest = ((out.flatten(1)[:, None] - modes[None]) ** 2).sum(-1).argmin(1)
+    assert (nearest == labels).float().mean() > 0.9
+    guided = sample(model, z, labels, steps=10, cfg_scale=3.0, cfg_interval=(0.125, 1.0), timestep_shift=0.3)
+    assert (((guided.flatten(1)[:, None] - modes[None]) ** 2).sum(-1).argmin(1) == labels).float().mean() > 0.9
