@@ -182,3 +182,32 @@ def test_random_vfm_needs_smoke(tmp_path):
     p = vfmbench("run", "--set", "run.smoke=false", "--out", str(tmp_path), check=False)
     assert p.returncode == 2 and "smoke" in p.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_second_run_reads_cached_vfm_features(smoke_run, tmp_path):
+    """Another combination on the same VFM and data (here: another diffusion seed) reuses the
+    VFM tokens cached by the first run instead of running the VFM again."""
+    run_dir, _ = smoke_run
+    first = json.loads((run_dir / "latents" / "done.json").read_text())["vfm_feature_cache"]
+    assert first["misses"] >= 1
+    p = vfmbench("run", "--preset", "smoke", "--out", str(tmp_path), *FAST, "--set", "diffusion.train.images=256",
+                 "--stages", "tokenizer,recon-eval,latents")
+    second_dir = Path(p.stdout.strip().splitlines()[-1])
+    assert second_dir != run_dir
+    for stage in ("recon-eval", "latents"):
+        stats = json.loads((second_dir / stage / "done.json").read_text())["vfm_feature_cache"]
+        assert stats["misses"] == 0 and stats["hits"] >= 1 and stats["vfm_images"] == 0, (stage, stats)
+
+
+@pytest.mark.slow
+def test_eval_alignment_table_and_plot(smoke_run):
+    run_dir, _ = smoke_run
+    vfmbench("eval", "alignment", str(run_dir), "--images", "48", "--topk", "5")
+    report = json.loads((run_dir / "alignment" / "alignment.json").read_text())
+    layers = [r["layer"] for r in report["rows"]]
+    assert layers[0] == "tokenizer" and layers[1:] == [f"block {k}" for k in range(1, len(layers))] and len(layers) > 1
+    tok = report["rows"][0]
+    assert tok["se_cknna"] is not None and tok["num_transforms"] == 5 and tok["num_images"] == 48
+    assert all(-1.0 <= r["cknna"] <= 1.0 for r in report["rows"]) and report["label"] == "smoke"
+    assert (run_dir / "alignment" / "alignment.png").stat().st_size > 1000

@@ -178,6 +178,18 @@ def cmd_eval(args) -> int:
             write_rows(args.out, rows)
             print(args.out)
         return 0
+    if args.what == "alignment":
+        from .evalcmd import evaluate_alignment
+
+        if not args.samples:
+            raise UserError("eval alignment needs RUN_DIR (a run directory with a trained tokenizer)")
+        rows, png = evaluate_alignment(host, Path(args.samples), args.images, args.topk, args.reference_vfm or "")
+        from tabulate import tabulate
+
+        print(tabulate([[r["layer"], f"{r['cknna']:.4f}", "" if r["se_cknna"] is None else f"{r['se_cknna']:.4f}"] for r in rows],
+                       headers=["layer", "CKNNA", "SE-CKNNA"], tablefmt="simple", disable_numparse=True))
+        print(png)
+        return 0
     if not args.weights:
         raise UserError("eval reconstruction needs --weights PATH (a tokenizer model.pt)")
     sets += [f"tokenizer.weights={args.weights}", 'run.stages=["tokenizer", "recon-eval", "results"]']
@@ -256,8 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("eval", help="metrics without training: generated samples vs a reference, or a tokenizer from weights")
-    sp.add_argument("what", choices=("generation", "reconstruction"))
-    sp.add_argument("samples", nargs="?", help="generation: a folder of images or an ADM .npz of samples")
+    sp.add_argument("what", choices=("generation", "reconstruction", "alignment"))
+    sp.add_argument("samples", nargs="?", help="generation: a folder of images or an ADM .npz of samples; alignment: a run directory")
+    sp.add_argument("--images", type=int, default=512, help="alignment: val images used")
+    sp.add_argument("--topk", type=int, default=10, help="alignment: CKNNA neighbours")
+    sp.add_argument("--reference-vfm", help="alignment: the reference VFM (default: the run's VFM)")
     sp.add_argument("--reference", help="generation: an ADM reference batch .npz or a folder of images")
     sp.add_argument("--weights", help="reconstruction: tokenizer weights (model.pt of a run)")
     sp.add_argument("--preset")

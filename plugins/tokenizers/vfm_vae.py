@@ -389,6 +389,13 @@ class VfmVae(Tokenizer):
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         return self._posterior(self._vfm_tokens(images))
 
+    def vfm_request(self):
+        """The posterior is a function of these frozen VFM taps: the runner may cache them."""
+        return self.vfm, list(self.layers)
+
+    def encode_from_vfm(self, tokens) -> DiagonalGaussian:
+        return self._posterior(tokens)
+
     def decompress(self, z: torch.Tensor) -> torch.Tensor:
         """Latent [B, C, h, w] -> the decoder's feature map [B, decompress_width, h, w]."""
         return to_map(self.post_quant(to_tokens(z)), tuple(z.shape[-2:]))
