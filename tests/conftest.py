@@ -14,15 +14,18 @@ def session_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("vfmbench-cache")
 
 
-@pytest.fixture(autouse=True)
-def _hermetic_env(monkeypatch, session_cache, tmp_path_factory):
-    monkeypatch.setenv("VFMBENCH_CACHE_DIR", str(session_cache))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf-home"))
-    # Only built-in plugins, whatever else is installed on the machine; tests that exercise
-    # third-party loading set these themselves.
-    monkeypatch.setenv("VFMBENCH_LOAD_PLUGINS", "")
-    monkeypatch.delenv("VFMBENCH_DISABLE_PLUGINS", raising=False)
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_env(session_cache, tmp_path_factory):
+    """Session-wide, so that module-scoped fixtures (end-to-end runs) see it too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VFMBENCH_CACHE_DIR", str(session_cache))
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
+        mp.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf-home"))
+        # Only built-in plugins, whatever else is installed on the machine; tests that exercise
+        # third-party loading set these themselves.
+        mp.setenv("VFMBENCH_LOAD_PLUGINS", "")
+        mp.delenv("VFMBENCH_DISABLE_PLUGINS", raising=False)
+        yield
 
 
 @pytest.fixture

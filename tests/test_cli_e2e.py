@@ -22,7 +22,7 @@ FAST = [
 REQUIRED_METRICS = {"rfid", "gfid", "is", "psnr", "probe-top1"}
 
 
-def vfmbench(*args: str, out: Path | None = None, env: dict | None = None, check: bool = True, timeout: int = 600):
+def vfmbench(*args: str, out: Path | None = None, env: dict | None = None, check: bool = True, timeout: int = 1800):
     cmd = [sys.executable, "-m", "vfmbench.cli", *args]
     full_env = {**os.environ, **(env or {})}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=out or ROOT)

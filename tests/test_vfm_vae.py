@@ -23,6 +23,15 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP spin-waits (10x slower runs) when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def smoke_cfg(host, *overrides, decoder=None):
     layers = [dict(host.presets.get("smoke").values), TINY, *overrides]
     if decoder:

@@ -3,10 +3,20 @@ VF, adaptive-weight, hinge, LSGAN and feature-matching terms are in tests/test_l
 import math
 
 import numpy as np
+import pytest
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from vfmbench_plugins.losses import SafeLossGuard, multiscale_l1, ssim_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP spin-waits (10x slower runs) when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def ssim_numpy(x: np.ndarray, y: np.ndarray, data_range: float = 2.0) -> float:

@@ -22,7 +22,6 @@ state dict, optionally under ``G_ema``) load through ``tokenizer.weights`` (``RE
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
