@@ -68,3 +68,19 @@ def test_bad_inputs(tmp_path):
         collect_rows([tmp_path])
     with pytest.raises(UserError, match="no result rows"):
         render([])
+
+
+def test_copy_images_makes_links_that_resolve(tmp_path, capsys):
+    from vfmbench.cli import main
+
+    run = tmp_path / "runs" / "a"
+    (run / "sample").mkdir(parents=True)
+    (run / "sample" / "samples.png").write_bytes(b"\x89PNG fake")
+    r = row("a", "gfid", 3.0, family="generation")
+    r["images"] = {"samples": "sample/samples.png"}
+    write_rows(run / "results.jsonl", [r])
+    out = tmp_path / "board" / "smoke.md"
+    assert main(["leaderboard", str(tmp_path / "runs"), "--out", str(out), "--copy-images"]) == 0
+    text = out.read_text()
+    assert "[samples](smoke-images/a/samples.png)" in text
+    assert (out.parent / "smoke-images" / "a" / "samples.png").read_bytes() == b"\x89PNG fake"

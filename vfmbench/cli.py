@@ -214,6 +214,27 @@ def _print_rows(rows) -> None:
                    headers=["metric", "value", "label", "reference"], tablefmt="simple", disable_numparse=True), file=sys.stderr)
 
 
+def _copy_images(rows, out: Path) -> None:
+    """Copy each row's grids to <out stem>-images/<run>/ so the markdown links survive without the runs."""
+    import shutil
+
+    folder = out.parent / f"{out.stem}-images"
+    for r in rows:
+        images, run_dir = r.get("images") or {}, r.get("_run_dir")
+        if not images or not run_dir:
+            continue
+        new = {}
+        for name, rel in images.items():
+            src = Path(run_dir) / rel
+            if src.is_file():
+                dst = folder / r["run_id"] / f"{name}.png"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if not dst.exists() or dst.read_bytes() != src.read_bytes():
+                    shutil.copyfile(src, dst)
+                new[name] = str(dst.relative_to(out.parent))
+        r["images"], r["_run_dir"] = new, str(out.parent)
+
+
 def cmd_leaderboard(args) -> int:
     from .checkpoint import write_text
     from .leaderboard import collect_rows, render
@@ -221,6 +242,10 @@ def cmd_leaderboard(args) -> int:
     paths = args.paths or ["runs"]
     rows = collect_rows(paths)
     out = Path(args.out) if args.out else None
+    if args.copy_images:
+        if out is None:
+            raise UserError("--copy-images needs --out (the pictures are copied next to the markdown file)")
+        _copy_images(rows, out)
     text = render(rows, title=args.title, link_base=out.parent if out else Path.cwd())
     if out:
         write_text(out, text)
@@ -290,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("paths", nargs="*", help="run directories, folders of runs, results .jsonl or published .yaml (default: runs)")
     sp.add_argument("--out", help="write to this file instead of stdout")
     sp.add_argument("--title", default="vfmbench leaderboard")
+    sp.add_argument("--copy-images", action="store_true", help="copy the linked PNG grids next to --out (for publishing)")
     sp.set_defaults(func=cmd_leaderboard)
     return p
 
