@@ -13,7 +13,8 @@ from vfmbench.interfaces import DiffusionModel
 from vfmbench.sampling import sample, sample_labels, shift_time
 from vfmbench.specs import DiffusionSpec
 from vfmbench_plugins.diffusion import lightningdit
-from vfmbench_plugins.diffusion.dit_blocks import apply_rope, rope_2d
+from vfmbench_plugins.diffusion.dit_blocks import rope_2d
+from vfmbench_plugins.diffusion.flow_dit import apply_rope
 from vfmbench_plugins.diffusion.lightningdit import LightningDiTArgs, factory
 
 TINY = dict(size="tiny", width=32, depth=2, heads=2)

@@ -34,7 +34,7 @@ from torch import nn
 from vfmbench.errors import UserError, did_you_mean
 from vfmbench.interfaces import DiffusionModel, Phase
 from vfmbench.sampling import shift_time
-from vfmbench_plugins.diffusion.flow_dit import TimestepEmbedder, modulate, sincos_2d
+from vfmbench_plugins.diffusion.flow_dit import Attention, TimestepEmbedder, modulate, sincos_2d
 
 # width, depth, heads (DiT's S/B/L/XL; 'tiny' is the CPU smoke size)
 SIZES = {"tiny": (128, 4, 4), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
@@ -131,43 +131,8 @@ def rope_2d(head_dim: int, gh: int, gw: int, theta: float = 10000.0) -> tuple[to
     return ang.cos().float(), ang.sin().float()
 
 
-def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(a, b) -> (-b, a) within each axis of the ``rope_2d`` channel layout."""
-    x = x.unflatten(-1, (2, 2, -1))
-    return torch.stack((-x[..., 1, :], x[..., 0, :]), dim=-2).flatten(-3)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the last ``cos.shape[0]`` tokens of x [B, H, T, hd]; earlier (prefix) tokens are left as they are."""
-    n = cos.shape[0]
-    p = x.shape[-2] - n
-    tail = x[..., p:, :]
-    rot = tail * cos + rotate_pairs(tail) * sin
-    return torch.cat([x[..., :p, :], rot], dim=-2) if p else rot
-
-
 # ---------------------------------------------------------------------------------------------
 # Blocks
-
-
-class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, qk_norm: bool):
-        super().__init__()
-        self.heads = heads
-        head_dim = width // heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q.float()), self.k_norm(k.float())  # fp32 under autocast
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)
-        return self.proj(o.transpose(1, 2).reshape(b, n, d))
 
 
 class SwiGLU(nn.Module):

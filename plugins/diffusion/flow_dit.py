@@ -112,6 +112,21 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(a, b) -> (-b, a) within each axis of the ``rope_2d`` channel layout."""
+    x = x.unflatten(-1, (2, 2, -1))
+    return torch.stack((-x[..., 1, :], x[..., 0, :]), dim=-2).flatten(-3)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the last ``cos.shape[0]`` tokens of x [B, H, T, hd]; earlier (prefix) tokens are left as they are."""
+    n = cos.shape[0]
+    p = x.shape[-2] - n
+    tail = x[..., p:, :]
+    rot = tail * cos + rotate_pairs(tail) * sin
+    return torch.cat([x[..., :p, :], rot], dim=-2) if p else rot
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int, qk_norm: bool):
         super().__init__()
@@ -122,11 +137,13 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)  # norm in fp32 under autocast
-        o = F.scaled_dot_product_attention(q, k, v)
+        q, k = self.q_norm(q.float()), self.k_norm(k.float())  # fp32 under autocast
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)
         return self.proj(o.transpose(1, 2).reshape(b, n, d))
 
 
