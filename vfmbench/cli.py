@@ -150,11 +150,30 @@ def cmd_run(args) -> int:
     return 0
 
 
+SLURM_FLAGS = {"slurm_partition": "partition", "nodes": "nodes", "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task",
+               "timeout_min": "timeout_min", "slurm_account": "account", "slurm_qos": "qos"}
+
+
+def _slurm_options(args):
+    """SlurmOptions from the sweep flags; Slurm flags without ``--launcher slurm`` are an error."""
+    given = [f for f in [*SLURM_FLAGS, "slurm_arg"] if getattr(args, f) is not None]
+    if args.launcher != "slurm":
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} is a Slurm option; add --launcher slurm (or drop it)")
+        return None
+    from .launch import SlurmOptions, parse_slurm_args
+
+    values = {field: getattr(args, flag) for flag, field in SLURM_FLAGS.items() if getattr(args, flag) is not None}
+    return SlurmOptions(**values, extra=parse_slurm_args(args.slurm_arg or []))
+
+
 def cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
+    slurm = _slurm_options(args)
     host = _host(args)
-    return run_sweep(host, Path(args.file), out=args.out, dry_run=args.dry_run)
+    return run_sweep(host, Path(args.file), out=args.out, dry_run=args.dry_run, launcher=args.launcher, slurm=slurm,
+                     plugins_dir=args.plugins_dir)
 
 
 def cmd_eval(args) -> int:
@@ -286,10 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("sweep", help="run a matrix of combinations from a YAML file, one after another")
+    sp = sub.add_parser("sweep", help="run a matrix of combinations from a YAML file, one after another or as Slurm jobs")
     sp.add_argument("file")
     sp.add_argument("--out", help="parent folder of run directories (overrides the file)")
-    sp.add_argument("--dry-run", action="store_true")
+    sp.add_argument("--dry-run", action="store_true", help="print each combination, its run directory and whether it is finished")
+    sp.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                    help="local: one after another in this process (default); slurm: one submitit job per combination, each a torchrun")
+    sp.add_argument("--slurm-partition", help="slurm: partition")
+    sp.add_argument("--nodes", type=int, help="slurm: nodes per job (default 1)")
+    sp.add_argument("--gpus-per-node", type=int, help="slurm: GPUs per node = torchrun processes per node (default 1)")
+    sp.add_argument("--cpus-per-task", type=int, help="slurm: CPUs per node's task (default: Slurm's)")
+    sp.add_argument("--timeout-min", type=int, help="slurm: time limit per job in minutes (default 1440); jobs requeue on timeout")
+    sp.add_argument("--slurm-account", help="slurm: account")
+    sp.add_argument("--slurm-qos", help="slurm: quality of service")
+    sp.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE", help="slurm: any other sbatch option (repeatable), e.g. mem=200G")
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("eval", help="metrics without training: generated samples vs a reference, or a tokenizer from weights")
