@@ -33,3 +33,16 @@ def host():
     from vfmbench.plugins import get_plugin_manager
 
     return get_plugin_manager()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test, restored after: small tensors run faster so, and
+    stay robust when other jobs share the cores. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

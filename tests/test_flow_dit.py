@@ -3,41 +3,26 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 
 from vfmbench.config import validate_args
 from vfmbench.errors import UserError
 from vfmbench.interfaces import DiffusionModel
-from vfmbench.sampling import sample, sample_labels
+from vfmbench.sampling import sample
 from vfmbench.specs import DiffusionSpec
 from vfmbench_plugins.diffusion import flow_dit
 from vfmbench_plugins.diffusion.flow_dit import FlowDiTArgs, factory, sincos_2d
 
+from helpers import check_fits_class_conditional_mixture, check_label_dropout_rate, perturb, replay_training_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(width=32, depth=2, heads=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and robust when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 def tiny(latent_shape=(4, 8, 8), num_classes=10, **kw) -> flow_dit.FlowDiT:
     torch.manual_seed(0)
     return factory(FlowDiTArgs(**{**TINY, **kw}), latent_shape, num_classes)
-
-
-def perturb(model: torch.nn.Module) -> None:
-    """Give the zero-initialised (adaLN-Zero) weights random values so outputs depend on inputs."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize(
@@ -100,18 +85,11 @@ def test_sincos_position_embedding_values():
 
 def test_loss_equals_manual_computation():
     m = tiny(label_dropout=0.3)
-    perturb(m)
-    x = torch.randn(16, 4, 8, 8)
-    y = torch.randint(0, 10, (16,))
-    torch.manual_seed(7)
-    loss, stats = m.phase_loss("diffusion", x, y, nimg=0)
-    torch.manual_seed(7)
-    t, eps, y_in = m.draw_training_noise(x, y)
-    x_t = (1 - t.view(-1, 1, 1, 1)) * eps + t.view(-1, 1, 1, 1) * x
-    pred = m(x_t, t, y_in)
-    per_sample = ((pred - (x - eps)) ** 2).mean(dim=(1, 2, 3))
+    step = replay_training_step(m, lambda x, y: m.draw_training_noise(x, y))
+    x, y, loss, eps = step.x, step.y, step.loss, step.eps
+    per_sample = ((step.pred - (x - eps)) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(loss, per_sample.mean())
-    assert stats["loss"] == pytest.approx(loss.item())
+    assert step.logs["loss"] == pytest.approx(loss.item())
     assert loss.requires_grad
     # the loss reacts to the model: the untrained (v = 0) model's loss is E|x - eps|^2 ~ 2
     m0 = tiny()
@@ -125,13 +103,7 @@ def test_loss_equals_manual_computation():
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.5])
 def test_label_dropout_rate(rate):
     m = tiny(label_dropout=rate)
-    n = 40000
-    y = torch.randint(0, 10, (n,))
-    _, _, y_in = m.draw_training_noise(torch.zeros(n, 1, 1, 1), y, generator=torch.Generator().manual_seed(0))
-    dropped = y_in == 10
-    assert torch.equal(y_in[~dropped], y[~dropped])
-    se = (rate * (1 - rate) / n) ** 0.5
-    assert abs(dropped.float().mean().item() - rate) <= 4 * se + 1e-12
+    check_label_dropout_rate(lambda x, y, g: m.draw_training_noise(x, y, generator=g)[2], rate)
 
 
 def test_time_sampling_distributions():
@@ -176,49 +148,12 @@ def test_registration():
 # End to end: fit a class-conditional Gaussian mixture
 
 
-def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten(1).double().numpy(), b.flatten(1).double().numpy()
-    c1, c2 = np.cov(a.T), np.cov(b.T)
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real))
-
-
 def test_tiny_model_learns_a_class_conditional_mixture():
-    k, shape = 4, (2, 2, 2)
-    modes = 2.0 * torch.randn(k, 8, generator=torch.Generator().manual_seed(0))
-
-    def data(n, g):
-        y = torch.randint(0, k, (n,), generator=g)
-        return (modes[y] + 0.25 * torch.randn(n, 8, generator=g)).view(n, *shape), y
-
-    torch.manual_seed(0)
-    model = factory(FlowDiTArgs(width=64, depth=2, heads=4, label_dropout=0.1), shape, k)
-    ref, _ = data(2000, torch.Generator().manual_seed(9))
-    labels = sample_labels(1000, k, "balanced", torch.Generator().manual_seed(2))
-    z = torch.randn(1000, *shape, generator=torch.Generator().manual_seed(3))
-    fd_untrained = frechet(sample(model, z, labels, steps=20), ref)
-
-    (ph,) = model.training_phases(2e-3)
-    opt = torch.optim.AdamW(ph.params, lr=ph.lr, betas=ph.betas, weight_decay=ph.weight_decay)
-    g = torch.Generator().manual_seed(1)
-    first = None
-    for step in range(350):
-        x, y = data(256, g)
-        loss, stats = model.phase_loss("diffusion", x, y, nimg=step * 256)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ph.params, ph.grad_clip)
-        opt.step()
-        first = stats["loss"] if first is None else first
-    assert stats["loss"] < 0.3 * first
-
-    model.eval()
-    out = sample(model, z, labels, sampler="heun", steps=10)
-    fd_trained = frechet(out, ref)
-    assert fd_trained < 0.02 * fd_untrained, (fd_trained, fd_untrained)
-    nearest = ((out.flatten(1)[:, None] - modes[None]) ** 2).sum(-1).argmin(1)
-    assert (nearest == labels).float().mean() > 0.95
-    # guidance (batched cond/uncond pass) and bf16 autocast run through the real model
-    guided = sample(model, z, labels, steps=10, cfg_scale=3.0, cfg_interval=(0.1, 1.0))
-    assert (((guided.flatten(1)[:, None] - modes[None]) ** 2).sum(-1).argmin(1) == labels).float().mean() > 0.95
+    model, z, labels, out = check_fits_class_conditional_mixture(
+        lambda shape, k: factory(FlowDiTArgs(width=64, depth=2, heads=4, label_dropout=0.1), shape, k),
+        train_steps=350, loss_key="loss", untrained_steps=20, max_fd_ratio=0.02, min_accuracy=0.95,
+        guidance=dict(cfg_scale=3.0, cfg_interval=(0.1, 1.0)),
+    )
+    # bf16 autocast runs through the real model
     bf16 = sample(model, z, labels, sampler="heun", steps=10, precision="bf16")
     assert (bf16 - out).abs().mean() < 0.05

@@ -2,44 +2,29 @@
 XL parameter counts (meta device), and a small class-conditional fit on CPU."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import scipy.linalg
 import torch
 
 from vfmbench.config import validate_args
 from vfmbench.errors import UserError
 from vfmbench.interfaces import DiffusionModel
-from vfmbench.sampling import sample, sample_labels, shift_time
+from vfmbench.sampling import shift_time
 from vfmbench.specs import DiffusionSpec
 from vfmbench_plugins.diffusion import lightningdit
 from vfmbench_plugins.diffusion.dit_blocks import rope_2d
 from vfmbench_plugins.diffusion.flow_dit import apply_rope
 from vfmbench_plugins.diffusion.lightningdit import LightningDiTArgs, factory
 
+from helpers import check_fits_class_conditional_mixture, check_label_dropout_rate, perturb, replay_training_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(size="tiny", width=32, depth=2, heads=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and robust when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(latent_shape=(4, 8, 8), num_classes=10, **kw) -> lightningdit.LightningDiT:
     torch.manual_seed(0)
     return factory(LightningDiTArgs(**{**TINY, **kw}), latent_shape, num_classes)
-
-
-def perturb(model: torch.nn.Module) -> None:
-    """Give the zero-initialised (adaLN-Zero) weights random values so outputs depend on inputs."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("shape,kw", [((4, 8, 8), dict(patch_size=1)), ((4, 8, 8), dict(patch_size=2)),
@@ -98,22 +83,14 @@ def test_rope_depends_on_relative_position_only():
 
 def test_loss_equals_manual_computation():
     m = tiny(label_dropout=0.3, cos_loss_weight=0.7)
-    perturb(m)
-    x = torch.randn(16, 4, 8, 8)
-    y = torch.randint(0, 10, (16,))
-    torch.manual_seed(7)
-    loss, logs = m.phase_loss("diffusion", x, y, nimg=0)
-    torch.manual_seed(7)
-    t, eps, y_in = m.draw_training_noise(x, y, 0)
-    te = t.view(-1, 1, 1, 1)
-    x_t = (1 - te) * eps + te * x
-    pred = m(x_t, t, y_in)
-    target = x - eps
+    step = replay_training_step(m, lambda x, y: m.draw_training_noise(x, y, 0))
+    x, y, loss, pred = step.x, step.y, step.loss, step.pred
+    target = x - step.eps
     mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     cos = (pred * target).sum(1) / (pred.norm(dim=1) * target.norm(dim=1))  # over channels, per position
     cos_loss = (1 - cos).mean(dim=(1, 2))
     torch.testing.assert_close(loss, mse.mean() + 0.7 * cos_loss.mean())
-    assert logs["mse"] == pytest.approx(mse.mean().item(), rel=1e-5) and logs["cos"] == pytest.approx(cos_loss.mean().item(), rel=1e-5)
+    assert step.logs["mse"] == pytest.approx(mse.mean().item(), rel=1e-5) and step.logs["cos"] == pytest.approx(cos_loss.mean().item(), rel=1e-5)
     assert loss.requires_grad
     with pytest.raises(ValueError, match="diffusion"):
         m.phase_loss("generator", x, y, nimg=0)
@@ -129,13 +106,7 @@ def test_loss_equals_manual_computation():
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.5])
 def test_label_dropout_rate(rate):
     m = tiny(label_dropout=rate)
-    n = 40000
-    y = torch.randint(0, 10, (n,))
-    _, _, y_in = m.draw_training_noise(torch.zeros(n, 1, 1, 1), y, 0, generator=torch.Generator().manual_seed(0))
-    dropped = y_in == 10
-    assert torch.equal(y_in[~dropped], y[~dropped])
-    se = (rate * (1 - rate) / n) ** 0.5
-    assert abs(dropped.float().mean().item() - rate) <= 4 * se + 1e-12
+    check_label_dropout_rate(lambda x, y, g: m.draw_training_noise(x, y, 0, generator=g)[2], rate)
 
 
 def test_time_sampling_modes_and_schedule_switch():
@@ -239,46 +210,9 @@ def test_paper_presets_build_the_xl_models(host):
 # End to end: fit a class-conditional Gaussian mixture
 
 
-def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten(1).double().numpy(), b.flatten(1).double().numpy()
-    c1, c2 = np.cov(a.T), np.cov(b.T)
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real))
-
-
 def test_tiny_model_learns_a_class_conditional_mixture():
-    k, shape = 4, (2, 2, 2)
-    modes = 2.0 * torch.randn(k, 8, generator=torch.Generator().manual_seed(0))
-
-    def data(n, g):
-        y = torch.randint(0, k, (n,), generator=g)
-        return (modes[y] + 0.25 * torch.randn(n, 8, generator=g)).view(n, *shape), y
-
-    torch.manual_seed(0)
-    model = factory(LightningDiTArgs(size="tiny", width=64, depth=2, heads=4, time_sampling="uniform"), shape, k)
-    ref, _ = data(2000, torch.Generator().manual_seed(9))
-    labels = sample_labels(1000, k, "balanced", torch.Generator().manual_seed(2))
-    z = torch.randn(1000, *shape, generator=torch.Generator().manual_seed(3))
-    fd_untrained = frechet(sample(model, z, labels, steps=10), ref)
-
-    (ph,) = model.training_phases(2e-3)
-    opt = torch.optim.AdamW(ph.params, lr=ph.lr, betas=ph.betas, weight_decay=ph.weight_decay)
-    g = torch.Generator().manual_seed(1)
-    first = None
-    for step in range(130):
-        x, y = data(256, g)
-        loss, logs = model.phase_loss("diffusion", x, y, nimg=step * 256)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ph.params, ph.grad_clip)
-        opt.step()
-        first = logs["mse"] if first is None else first
-    assert logs["mse"] < 0.3 * first
-
-    model.eval()
-    out = sample(model, z, labels, sampler="heun", steps=10)
-    fd_trained = frechet(out, ref)
-    assert fd_trained < 0.05 * fd_untrained, (fd_trained, fd_untrained)
-    nearest = ((out.flatten(1)[:, None] - modes[None]) ** 2).sum(-1).argmin(1)
-    assert (nearest == labels).float().mean() > 0.9
-    guided = sample(model, z, labels, steps=10, cfg_scale=3.0, cfg_interval=(0.125, 1.0), timestep_shift=0.3)
-    assert (((guided.flatten(1)[:, None] - modes[None]) ** 2).sum(-1).argmin(1) == labels).float().mean() > 0.9
+    check_fits_class_conditional_mixture(
+        lambda shape, k: factory(LightningDiTArgs(size="tiny", width=64, depth=2, heads=4, time_sampling="uniform"), shape, k),
+        train_steps=130, loss_key="mse", untrained_steps=10, max_fd_ratio=0.05, min_accuracy=0.9,
+        guidance=dict(cfg_scale=3.0, cfg_interval=(0.125, 1.0), timestep_shift=0.3),
+    )

@@ -26,14 +26,7 @@ from vfmbench.sampling import (
 DIM = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and robust when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cov() -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,15 +13,12 @@ from vfmbench.sampling import sample
 from vfmbench_plugins.diffusion import sit
 from vfmbench_plugins.diffusion.sit import SiTArgs, factory
 
+from helpers import perturb
+
 D = 6  # alignment width of the toy tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model(align="reg", latent_shape=(4, 4, 4), **kw) -> sit.SiT:
@@ -29,10 +26,7 @@ def model(align="reg", latent_shape=(4, 4, 4), **kw) -> sit.SiT:
     args = SiTArgs(**{"size": "tiny", "width": 32, "depth": 3, "heads": 2, "align": align, "align_dim": D, "align_depth": 2,
                       "projector_dim": 16, **kw})
     m = factory(args, latent_shape, 10)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # random values for the zero-initialised (adaLN-Zero) weights
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    perturb(m)
     return m
 
 

@@ -796,3 +796,10 @@ def vfm_param_count(spec: VfmSpec, size: str = "full") -> int:
     with torch.device("meta"):
         model = spec.adapter.build(spec, size)
     return sum(p.numel() for p in model.parameters())
+
+
+def builtin_vfm_spec(**fields: Any) -> VfmSpec:
+    """The ``VfmSpec`` of a built-in VFM plugin: built by ``frozen_vfm``, version '1', tapped at the
+    first, middle and last layer (0, depth // 2, -1); ``fields`` give the rest and may override these."""
+    defaults = dict(factory=frozen_vfm, version="1", default_layers=(0, fields["depth"] // 2, -1))
+    return VfmSpec(**{**defaults, **fields})

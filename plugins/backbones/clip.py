@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import VfmSpec
-from vfmbench.vfm import OpenClipAdapter, frozen_vfm
+from vfmbench.vfm import OpenClipAdapter, builtin_vfm_spec
 
 ADAPTER = OpenClipAdapter()
 
@@ -20,7 +20,8 @@ TINY = {"embed_dim": 32, "vision_cfg": dict(image_size=64, patch_size=8, width=6
 OPENAI_PAPER = "Learning Transferable Visual Models From Natural Language Supervision (Radford et al., 2021), arXiv:2103.00020"
 LAION_PAPER = "Reproducible scaling laws for contrastive language-image learning (Cherti et al., 2023), arXiv:2212.07143"
 
-# name, open_clip model, tag, hub repo, patch, resolution, input_scale, width, depth, mean, std, published params, aliases
+# The columns of VARIANTS, VfmSpec fields.
+COLUMNS = ("name", "model_id", "weights_tag", "source", "patch_size", "resolution", "input_scale", "width", "depth", "mean", "std", "published_params", "aliases")
 VARIANTS = [
     ("clip-b16", "ViT-B-16", "openai", "timm/vit_base_patch16_clip_224.openai", 16, 224, 1.0, 768, 12, CLIP_MEAN, CLIP_STD, 86_000_000, ("clip-b",)),
     ("clip-l14", "ViT-L-14", "openai", "timm/vit_large_patch14_clip_224.openai", 14, 224, 0.875, 1024, 24, CLIP_MEAN, CLIP_STD, 304_000_000, ("clip", "clip-l")),
@@ -29,40 +30,23 @@ VARIANTS = [
     ("openclip-h14", "ViT-H-14", "laion2b_s32b_b79k", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", 14, 224, 0.875, 1280, 32, CLIP_MEAN, CLIP_STD, 632_000_000, ("openclip-h",)),
     ("openclip-bigg14", "ViT-bigG-14", "laion2b_s39b_b160k", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", 14, 224, 0.875, 1664, 48, CLIP_MEAN, CLIP_STD, 1_845_000_000, ("openclip-bigg",)),
 ]
+# The fields every variant shares.
+COMMON = dict(library="open_clip", license="MIT", interpolation="bicubic", num_prefix_tokens=1, tiny=TINY, adapter=ADAPTER)
 
 
-def _spec(name, model, tag, hub, patch, res, scale, width, depth, mean, std, published, aliases) -> VfmSpec:
-    openai = tag == "openai"
-    return VfmSpec(
-        name=name,
-        description=f"{'OpenAI CLIP' if openai else 'OpenCLIP (LAION-2B)'} {model} vision tower ({tag})",
-        factory=frozen_vfm,
-        version="1",
-        source=hub,
+def _spec(row: tuple) -> VfmSpec:
+    fields = dict(zip(COLUMNS, row))
+    openai = fields["weights_tag"] == "openai"
+    return builtin_vfm_spec(
+        **COMMON,
+        **fields,
+        description=f"{'OpenAI CLIP' if openai else 'OpenCLIP (LAION-2B)'} {fields['model_id']} vision tower ({fields['weights_tag']})",
         paper=OPENAI_PAPER if openai else LAION_PAPER,
-        license="MIT",
-        aliases=aliases,
         family="clip" if openai else "openclip",
-        library="open_clip",
-        model_id=model,
-        weights_tag=tag,
-        patch_size=patch,
-        resolution=res,
-        input_scale=scale,
-        interpolation="bicubic",
-        mean=mean,
-        std=std,
-        width=width,
-        depth=depth,
-        num_prefix_tokens=1,
-        default_layers=(0, depth // 2, -1),
-        published_params=published,
-        tiny=TINY,
-        adapter=ADAPTER,
     )
 
 
 @hookimpl
 def register_vfms(register):
-    for variant in VARIANTS:
-        register(_spec(*variant))
+    for row in VARIANTS:
+        register(_spec(row))

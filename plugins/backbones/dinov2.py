@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import VfmSpec
-from vfmbench.vfm import TransformersAdapter, frozen_vfm
+from vfmbench.vfm import TransformersAdapter, builtin_vfm_spec
 
 PLAIN = TransformersAdapter("Dinov2Model", "Dinov2Config")
 REGISTERS = TransformersAdapter("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig")
@@ -25,6 +25,9 @@ SIZES = {  # hidden, depth, heads, swiglu, hub word, published params
 }
 PAPER = "DINOv2: Learning Robust Visual Features without Supervision (Oquab et al., 2023), arXiv:2304.07193"
 REG_PAPER = "Vision Transformers Need Registers (Darcet et al., 2024), arXiv:2309.16588"
+# The fields every variant shares.
+COMMON = dict(license="Apache-2.0", family="dinov2", library="transformers", patch_size=14, resolution=224, input_scale=0.875,
+              interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, tiny=TINY)
 
 
 def _spec(size: str, registers: bool) -> VfmSpec:
@@ -38,30 +41,18 @@ def _spec(size: str, registers: bool) -> VfmSpec:
     arch = dict(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads, use_swiglu_ffn=swiglu, image_size=518, patch_size=14)
     if registers:
         arch["num_register_tokens"] = 4
-    return VfmSpec(
+    return builtin_vfm_spec(
+        **COMMON,
         name=name,
         description=f"DINOv2 ViT-{size.upper() if size != 'g' else 'g'}/14{' with 4 registers' if registers else ''}",
-        factory=frozen_vfm,
-        version="1",
         source=hub,
         paper=REG_PAPER if registers else PAPER,
-        license="Apache-2.0",
         aliases=aliases,
-        family="dinov2",
-        library="transformers",
         model_id=hub,
-        patch_size=14,
-        resolution=224,
-        input_scale=0.875,
-        interpolation="bicubic",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
         width=hidden,
         depth=depth,
         num_prefix_tokens=5 if registers else 1,
-        default_layers=(0, depth // 2, -1),
         published_params=published,
-        tiny=TINY,
         arch=arch,
         adapter=REGISTERS if registers else PLAIN,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import VfmSpec
-from vfmbench.vfm import TimmAdapter, frozen_vfm
+from vfmbench.vfm import TimmAdapter, builtin_vfm_spec
 
 ADAPTER = TimmAdapter()
 
@@ -18,7 +18,8 @@ TINY = dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2)
 EVA01_PAPER = "EVA: Exploring the Limits of Masked Visual Representation Learning at Scale (Fang et al., 2023), arXiv:2211.07636"
 EVA_CLIP_PAPER = "EVA-CLIP: Improved Training Techniques for CLIP at Scale (Sun et al., 2023), arXiv:2303.15389"
 
-# name, timm model (with tag), patch, resolution, input_scale, width, depth, published params, paper, description, aliases
+# The columns of VARIANTS, VfmSpec fields.
+COLUMNS = ("name", "model_id", "patch_size", "resolution", "input_scale", "width", "depth", "published_params", "paper", "description", "aliases")
 VARIANTS = [
     ("eva-clip-g14-336", "eva_giant_patch14_336.clip_ft_in1k", 14, 336, 1.75, 1408, 40, 1_000_000_000, EVA01_PAPER,
      "EVA-01-CLIP-g/14 vision tower fine-tuned on ImageNet-1k at 336 px (the EVA model VFM-VAE lists)", ("eva-clip", "eva")),
@@ -31,38 +32,17 @@ VARIANTS = [
     ("eva02-clip-b16", "eva02_base_patch16_clip_224.merged2b", 16, 224, 1.0, 768, 12, 86_000_000, EVA_CLIP_PAPER,
      "EVA-02-CLIP-B/16 vision tower (Merged-2B)", ()),
 ]
+# The fields every variant shares.
+COMMON = dict(license="MIT", family="eva-clip", library="timm", interpolation="bilinear", mean=CLIP_MEAN, std=CLIP_STD,
+              num_prefix_tokens=1, tiny=TINY, adapter=ADAPTER)
 
 
-def _spec(name, model, patch, res, scale, width, depth, published, paper, description, aliases) -> VfmSpec:
-    return VfmSpec(
-        name=name,
-        description=description,
-        factory=frozen_vfm,
-        version="1",
-        source=f"timm/{model}",
-        paper=paper,
-        license="MIT",
-        aliases=aliases,
-        family="eva-clip",
-        library="timm",
-        model_id=model,
-        patch_size=patch,
-        resolution=res,
-        input_scale=scale,
-        interpolation="bilinear",
-        mean=CLIP_MEAN,
-        std=CLIP_STD,
-        width=width,
-        depth=depth,
-        num_prefix_tokens=1,
-        default_layers=(0, depth // 2, -1),
-        published_params=published,
-        tiny=TINY,
-        adapter=ADAPTER,
-    )
+def _spec(row: tuple) -> VfmSpec:
+    fields = dict(zip(COLUMNS, row))
+    return builtin_vfm_spec(**COMMON, **fields, source=f"timm/{fields['model_id']}")
 
 
 @hookimpl
 def register_vfms(register):
-    for variant in VARIANTS:
-        register(_spec(*variant))
+    for row in VARIANTS:
+        register(_spec(row))

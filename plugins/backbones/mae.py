@@ -11,7 +11,7 @@ import torch
 
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import VfmSpec
-from vfmbench.vfm import TransformersAdapter, frozen_vfm
+from vfmbench.vfm import TransformersAdapter, builtin_vfm_spec
 
 
 class MaeAdapter(TransformersAdapter):
@@ -32,6 +32,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2, image_size=64, patch_size=8)
 PAPER = "Masked Autoencoders Are Scalable Vision Learners (He et al., 2022), arXiv:2111.06377"
+# The fields every variant shares (licence: facebookresearch/mae; the hub model card says Apache-2.0).
+COMMON = dict(paper=PAPER, license="CC-BY-NC-4.0", family="mae", library="transformers", resolution=224, interpolation="bilinear",
+              mean=IMAGENET_MEAN, std=IMAGENET_STD, num_prefix_tokens=1, tiny=TINY, adapter=ADAPTER)
 
 # name, hub word, hidden, mlp, depth, heads, patch, input_scale, published params, aliases
 VARIANTS = [
@@ -43,32 +46,19 @@ VARIANTS = [
 
 def _spec(name, word, hidden, mlp, depth, heads, patch, scale, published, aliases) -> VfmSpec:
     hub = f"facebook/vit-mae-{word}"
-    return VfmSpec(
+    return builtin_vfm_spec(
+        **COMMON,
         name=name,
         description=f"MAE ViT-{word[0].upper()}/{patch} encoder (ImageNet-1k pre-training, no masking)",
-        factory=frozen_vfm,
-        version="1",
         source=hub,
-        paper=PAPER,
-        license="CC-BY-NC-4.0",  # facebookresearch/mae; the hub model card says Apache-2.0
         aliases=aliases,
-        family="mae",
-        library="transformers",
         model_id=hub,
         patch_size=patch,
-        resolution=224,
         input_scale=scale,
-        interpolation="bilinear",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
         width=hidden,
         depth=depth,
-        num_prefix_tokens=1,
-        default_layers=(0, depth // 2, -1),
         published_params=published,
-        tiny=TINY,
         arch=dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=depth, num_attention_heads=heads, image_size=224, patch_size=patch),
-        adapter=ADAPTER,
     )
 
 

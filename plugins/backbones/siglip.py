@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import VfmSpec
-from vfmbench.vfm import TransformersAdapter, frozen_vfm
+from vfmbench.vfm import TransformersAdapter, builtin_vfm_spec
 
 # Every SigLIP input goes through the position-embedding interpolation, so any size works.
 ADAPTER = TransformersAdapter("SiglipVisionModel", "SiglipVisionConfig", forward_kwargs={"interpolate_pos_encoding": True})
@@ -23,6 +23,9 @@ WIDTHS = {  # hidden, mlp, depth, heads
 }
 SIGLIP2_PAPER = "SigLIP 2: Multilingual Vision-Language Encoders with Improved Semantic Understanding, Localization, and Dense Features (Tschannen et al., 2025), arXiv:2502.14786"
 SIGLIP_PAPER = "Sigmoid Loss for Language Image Pre-Training (Zhai et al., 2023), arXiv:2303.15343"
+# The fields every variant shares.
+COMMON = dict(license="Apache-2.0", library="transformers", interpolation="bilinear", mean=HALF, std=HALF, num_prefix_tokens=0,
+              tiny=TINY, adapter=ADAPTER)
 
 # name, generation, size, patch, resolution, input_scale (for 256 px images), published params, aliases
 VARIANTS = [
@@ -45,32 +48,22 @@ def _hub_id(generation: int, size: str, patch: int, res: int) -> str:
 def _spec(name, generation, size, patch, res, scale, published, aliases) -> VfmSpec:
     hidden, mlp, depth, heads = WIDTHS[size]
     hub = _hub_id(generation, size, patch, res)
-    return VfmSpec(
+    return builtin_vfm_spec(
+        **COMMON,
         name=name,
         description=f"SigLIP{' 2' if generation == 2 else ''} ViT-{size.upper() if size != 'so400m' else 'So400m'}/{patch} at {res} px, vision tower with its attention-pooling head",
-        factory=frozen_vfm,
-        version="1",
         source=hub,
         paper=SIGLIP2_PAPER if generation == 2 else SIGLIP_PAPER,
-        license="Apache-2.0",
         aliases=aliases,
         family="siglip2" if generation == 2 else "siglip",
-        library="transformers",
         model_id=hub,
         patch_size=patch,
         resolution=res,
         input_scale=scale,
-        interpolation="bilinear",
-        mean=HALF,
-        std=HALF,
         width=hidden,
         depth=depth,
-        num_prefix_tokens=0,
-        default_layers=(0, depth // 2, -1),
         published_params=published,
-        tiny=TINY,
         arch=dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=depth, num_attention_heads=heads, image_size=res, patch_size=patch),
-        adapter=ADAPTER,
     )
 
 

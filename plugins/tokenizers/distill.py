@@ -26,18 +26,16 @@ from torch import nn
 
 from vfmbench.errors import UserError, did_you_mean
 from vfmbench.hookspecs import hookimpl
-from vfmbench.interfaces import DiagonalGaussian, Phase, Tokenizer, to_float
 from vfmbench.specs import TokenizerSpec
 from vfmbench_plugins.losses import feature_regression_loss
 from vfmbench_plugins.recon_losses import ReconLoss, ReconLossArgs
-from vfmbench_plugins.tokenizers.va_vae import LdmEncoderArgs, build_ldm_encoder, teacher_features
+from vfmbench_plugins.tokenizers.teacher_vae import TOKENIZER_FIELDS, TeacherVae, TeacherVaeArgs, teacher_and_decoder
 
 TARGETS = ("cosine", "mse")
 
 
 @dataclass
-class DistillArgs(LdmEncoderArgs):
-    teacher_layer: int = -1  # VFM layer regressed (-1 = final normed output)
+class DistillArgs(TeacherVaeArgs):
     target: str = "cosine"  # cosine | mse
     normalize_target: bool = True  # mse only: layer-normalise the teacher tokens over channels
     distill_weight: float = 1.0
@@ -51,40 +49,17 @@ def projector(cin: int, hidden: int, cout: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(cin, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, cout, 1))
 
 
-class Distill(Tokenizer):
-    frozen_prefixes = ("vfm.",)
-
+class Distill(TeacherVae):
     def __init__(self, args: DistillArgs, vfm, decoder: nn.Module, recon_loss: ReconLoss):
-        super().__init__(args.latent_channels, args.downsample)
-        self.args = args
-        self.vfm = vfm
-        self.vfm.requires_grad_(False)
-        self.encoder = build_ldm_encoder(args)
-        self.decoder = decoder
+        super().__init__(args, vfm, decoder, recon_loss)
         self.projector = projector(args.latent_channels, args.projector_hidden, vfm.embed_dim)
-        self.recon_loss = recon_loss
-
-    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
-        mean, logvar = self.encoder(to_float(images)).chunk(2, dim=1)
-        return DiagonalGaussian(mean, logvar)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
-
-    def training_phases(self, lr: float) -> list[Phase]:
-        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(self.frozen_prefixes)]
-        return [Phase("g", params, lr, betas=(0.5, 0.9))]
 
     def distill_loss(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         a = self.args
-        feats = teacher_features(self.vfm, images, a.teacher_layer, tuple(z.shape[-2:]))
-        return feature_regression_loss(self.projector(z), feats, a.target, a.normalize_target)
+        return feature_regression_loss(self.projector(z), self.teacher_features(images, z), a.target, a.normalize_target)
 
     def phase_loss(self, phase, images, labels, nimg):
-        post = self.encode(images)
-        z = post.sample()
-        recon = self.decode(z)
-        terms = self.recon_loss(recon, to_float(images), post)
+        z, terms = self.reconstruction(images)
         loss, logs = terms.total, dict(terms.logs)
         if self.args.distill_weight > 0:
             d = self.distill_loss(images, z)
@@ -96,9 +71,7 @@ class Distill(Tokenizer):
 def build(args: DistillArgs, ctx) -> Distill:
     if args.target not in TARGETS:
         raise UserError(f"tokenizer.args.target={args.target!r}: {did_you_mean(args.target, TARGETS)}")
-    vfm = ctx.vfm()
-    vfm.hidden_index(args.teacher_layer)  # a UserError naming the valid range
-    decoder = ctx.decoder(args.latent_channels, args.downsample, default="ldm-decoder")
+    vfm, decoder = teacher_and_decoder(args, ctx)
     return Distill(args, vfm, decoder, ReconLoss.from_context(args.loss, ctx))
 
 
@@ -113,12 +86,6 @@ def register_tokenizers(register):
             version="1",
             source="vfmbench (the distillation family, at VA-VAE's architecture)",
             paper="Bi et al. 2025 (arXiv 2510.18457) discuss this family; objective as feature distillation (e.g. REPA's projector)",
-            license="Apache-2.0",
-            latent_channels=32,
-            downsample=16,
-            uses_vfm=True,
-            uses_decoder=True,
-            default_decoder="ldm-decoder",
-            normalisation="per-channel",
+            **TOKENIZER_FIELDS,
         )
     )

@@ -32,11 +32,11 @@ from torch import nn
 
 from vfmbench.errors import MissingWeightsError, UserError
 from vfmbench.hookspecs import hookimpl
-from vfmbench.interfaces import DiagonalGaussian, Phase, Tokenizer, to_float
 from vfmbench.specs import TokenizerSpec
-from vfmbench_plugins.losses import adaptive_weight, pool_tokens, vf_loss
+from vfmbench_plugins.losses import adaptive_weight, vf_loss
 from vfmbench_plugins.recon_losses import ReconLoss, ReconLossArgs
-from vfmbench_plugins.tokenizers.sd_vae import LdmDecoder, LdmEncoder, convert_ldm_state_dict, is_ldm_layout, load_into
+from vfmbench_plugins.tokenizers.sd_vae import LdmDecoder, convert_ldm_state_dict, is_ldm_layout, load_into
+from vfmbench_plugins.tokenizers.teacher_vae import TOKENIZER_FIELDS, TeacherVae, TeacherVaeArgs, teacher_and_decoder
 
 VA_VAE_PAPER = "Yao & Wang 2025, Reconstruction vs. Generation: Taming Optimization Dilemma in Latent Diffusion Models (arXiv 2501.01423)"
 # Names a VF projection may have in a released checkpoint (the first one present with a 1x1 weight of shape [D, C(, 1, 1)] is used).
@@ -44,20 +44,7 @@ PROJECTION_KEYS = ("linear_proj.weight", "vf_proj.weight", "proj.weight")
 
 
 @dataclass
-class LdmEncoderArgs:
-    """The LDM encoder of ``va-vae`` and ``distill`` (its decoder is the ``ldm-decoder`` plugin's)."""
-
-    latent_channels: int = 32
-    downsample: int = 16
-    base_channels: int = 128  # LDM 'ch'
-    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])  # per level, full resolution first
-    blocks: int = 2  # LDM 'num_res_blocks'
-    attn_levels: list[int] = field(default_factory=lambda: [-1])  # LDM 'attn_resolutions' [16] at 256 px = the lowest level
-
-
-@dataclass
-class VaVaeArgs(LdmEncoderArgs):
-    teacher_layer: int = -1  # VFM layer aligned with (-1 = final normed output)
+class VaVaeArgs(TeacherVaeArgs):
     vf_weight: float = 0.1  # VA-VAE's w_hyper
     adaptive_vf: bool = True  # scale by the gradient-norm ratio at the encoder's last layer
     margin_cos: float = 0.5  # VA-VAE m1
@@ -68,52 +55,19 @@ class VaVaeArgs(LdmEncoderArgs):
     loss: ReconLossArgs = field(default_factory=ReconLossArgs)
 
 
-def build_ldm_encoder(args: LdmEncoderArgs) -> LdmEncoder:
-    return LdmEncoder(args.latent_channels, args.downsample, args.base_channels, args.channel_mult, args.blocks, args.attn_levels)
-
-
-def teacher_features(vfm, images: torch.Tensor, layer: int, size: tuple[int, int]) -> torch.Tensor:
-    """Frozen VFM tokens of ``layer`` average-pooled onto a latent grid of ``size``: [B, D, *size] (no gradient)."""
-    with torch.no_grad():
-        out = vfm(images, [layer])
-    return pool_tokens(out.layers[layer].float(), out.grid, size)
-
-
-class VaVae(Tokenizer):
-    frozen_prefixes = ("vfm.",)
-
+class VaVae(TeacherVae):
     def __init__(self, args: VaVaeArgs, vfm, decoder: nn.Module, recon_loss: ReconLoss):
-        super().__init__(args.latent_channels, args.downsample)
-        self.args = args
-        self.vfm = vfm
-        self.vfm.requires_grad_(False)
-        self.encoder = build_ldm_encoder(args)
-        self.decoder = decoder
+        super().__init__(args, vfm, decoder, recon_loss)
         self.vf_proj = nn.Conv2d(args.latent_channels, vfm.embed_dim, 1, bias=False)
-        self.recon_loss = recon_loss
-
-    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
-        mean, logvar = self.encoder(to_float(images)).chunk(2, dim=1)
-        return DiagonalGaussian(mean, logvar)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
-
-    def training_phases(self, lr: float) -> list[Phase]:
-        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(self.frozen_prefixes)]
-        return [Phase("g", params, lr, betas=(0.5, 0.9))]  # LDM's autoencoder optimiser
 
     def alignment(self, images: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         a = self.args
-        feats = teacher_features(self.vfm, images, a.teacher_layer, tuple(z.shape[-2:]))
+        feats = self.teacher_features(images, z)
         return vf_loss(self.vf_proj(z), feats, margin_dm=a.margin_dm, margin_cos=a.margin_cos, weight_dm=a.weight_dm, weight_cos=a.weight_cos)
 
     def phase_loss(self, phase, images, labels, nimg):
         a = self.args
-        post = self.encode(images)
-        z = post.sample()
-        recon = self.decode(z)
-        terms = self.recon_loss(recon, to_float(images), post)
+        z, terms = self.reconstruction(images)
         logs = dict(terms.logs)
         loss = terms.total
         if a.vf_weight > 0:
@@ -156,9 +110,7 @@ def load_released(tok: VaVae, path: Path, cache_dir: Path | None = None) -> str:
 
 
 def build(args: VaVaeArgs, ctx) -> VaVae:
-    vfm = ctx.vfm()
-    vfm.hidden_index(args.teacher_layer)  # a UserError naming the valid range
-    decoder = ctx.decoder(args.latent_channels, args.downsample, default="ldm-decoder")
+    vfm, decoder = teacher_and_decoder(args, ctx)
     tok = VaVae(args, vfm, decoder, ReconLoss.from_context(args.loss, ctx))
     if args.pretrained and not ctx.meta:
         tok.weights_id = load_released(tok, Path(args.pretrained).expanduser(), ctx.cache_dir)
@@ -176,12 +128,6 @@ def register_tokenizers(register):
             version="1",
             source="https://github.com/hustvl/LightningDiT (re-implemented from the paper's description)",
             paper=VA_VAE_PAPER,
-            license="Apache-2.0",
-            latent_channels=32,
-            downsample=16,
-            uses_vfm=True,
-            uses_decoder=True,
-            default_decoder="ldm-decoder",
-            normalisation="per-channel",
+            **TOKENIZER_FIELDS,
         )
     )

@@ -28,7 +28,8 @@ EPS_START = 1e-6
 EPS_TRIES = 8  # 1e-6 ... 1e1
 
 
-def _as_float64_2d(features: Any) -> np.ndarray:
+def as_float64_2d(features: Any) -> np.ndarray:
+    """[N, D] features (a numpy array, a torch tensor on any device, or nested sequences) as a float64 array."""
     if hasattr(features, "detach"):  # torch tensor
         features = features.detach().cpu().double().numpy()
     x = np.asarray(features, dtype=np.float64)
@@ -39,7 +40,7 @@ def _as_float64_2d(features: Any) -> np.ndarray:
 
 def gaussian_stats(features: Any) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (N - 1 normalisation, like ``np.cov(rowvar=False)``) of [N, D] features, in float64."""
-    x = _as_float64_2d(features)
+    x = as_float64_2d(features)
     if x.shape[0] < 2:
         raise ValueError(f"a covariance needs at least 2 feature vectors, got {x.shape[0]}")
     return x.mean(axis=0), np.cov(x, rowvar=False)
@@ -70,7 +71,7 @@ class StatsAccumulator:
         self.outer = np.zeros((dim, dim), dtype=np.float64)
 
     def update(self, batch: Any) -> "StatsAccumulator":
-        x = _as_float64_2d(batch)
+        x = as_float64_2d(batch)
         if x.shape[0] == 0:
             return self
         if self.shift is None:

@@ -16,17 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .frechet import as_float64_2d
 
 KID_SEED = 2020
-
-
-def _as_float64_2d(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().double().numpy()
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"features must be [N, D], got shape {x.shape}")
-    return x
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> np.ndarray:
@@ -58,7 +50,7 @@ def kernel_inception_distance(
     coef0: float = 1.0,
 ) -> tuple[float, float]:
     """(mean, std) of the unbiased MMD^2 over random subsets (see the module docstring)."""
-    f1, f2 = _as_float64_2d(features_1), _as_float64_2d(features_2)
+    f1, f2 = as_float64_2d(features_1), as_float64_2d(features_2)
     if f1.shape[1] != f2.shape[1]:
         raise ValueError(f"feature dimensions differ: {f1.shape[1]} and {f2.shape[1]}")
     n1, n2 = f1.shape[0], f2.shape[0]

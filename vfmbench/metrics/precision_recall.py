@@ -17,18 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from .frechet import as_float64_2d
+
 NEIGHBOURHOOD = 3
 ROW_BLOCK = 1024
 COL_BLOCK = 8192
-
-
-def _as_float64_2d(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().double().numpy()
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"features must be [N, D], got shape {x.shape}")
-    return x
 
 
 def _sq_dists(a: np.ndarray, b: np.ndarray, a_sq: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
@@ -38,7 +31,7 @@ def _sq_dists(a: np.ndarray, b: np.ndarray, a_sq: np.ndarray, b_sq: np.ndarray) 
 
 def manifold_radii(features: Any, k: int = NEIGHBOURHOOD) -> np.ndarray:
     """Distance of every vector to its k-th nearest neighbour within the set (self = 0-th)."""
-    x = _as_float64_2d(features)
+    x = as_float64_2d(features)
     n = x.shape[0]
     if n <= k:
         raise ValueError(f"a k-NN manifold with k={k} needs more than {k} vectors, got {n}")
@@ -61,7 +54,7 @@ def manifold_radii(features: Any, k: int = NEIGHBOURHOOD) -> np.ndarray:
 
 def manifold_coverage(queries: Any, features: Any, radii: np.ndarray) -> float:
     """Share of ``queries`` inside the manifold of (``features``, ``radii``)."""
-    q, x = _as_float64_2d(queries), _as_float64_2d(features)
+    q, x = as_float64_2d(queries), as_float64_2d(features)
     r2 = np.asarray(radii, dtype=np.float64) ** 2
     if x.shape[0] != r2.shape[0] or q.shape[1] != x.shape[1]:
         raise ValueError(f"shapes do not match: queries {q.shape}, features {x.shape}, radii {r2.shape}")
@@ -76,7 +69,7 @@ def manifold_coverage(queries: Any, features: Any, radii: np.ndarray) -> float:
 
 def precision_recall(reference: Any, samples: Any, k: int = NEIGHBOURHOOD) -> tuple[float, float]:
     """(precision, recall) of ``samples`` against ``reference`` with k-NN manifolds."""
-    ref, smp = _as_float64_2d(reference), _as_float64_2d(samples)
+    ref, smp = as_float64_2d(reference), as_float64_2d(samples)
     precision = manifold_coverage(smp, ref, manifold_radii(ref, k))
     recall = manifold_coverage(ref, smp, manifold_radii(smp, k))
     return precision, recall
