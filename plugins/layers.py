@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vfmbench import perf
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     groups = math.gcd(32, channels)
@@ -38,7 +40,29 @@ def stage_channels(base: int, mult: list[int], levels: int) -> list[int]:
     return [base * mult[min(i, len(mult) - 1)] for i in range(levels + 1)]
 
 
-class ConvEncoder(nn.Module):
+class _ConvStack(nn.Module):
+    """``conv_in -> body (a Sequential) -> norm_out -> SiLU -> conv_out`` with the run's switches:
+    gradient checkpointing per body layer, channels-last weights and activations."""
+
+    grad_checkpointing = False
+    channels_last = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(perf.channels_last_input(x, self.channels_last))
+        for layer in self.body:
+            x = perf.checkpoint(layer, x) if self.grad_checkpointing and isinstance(layer, ResBlock) else layer(x)
+        out = self.conv_out(F.silu(self.norm_out(x)))
+        return out.contiguous() if self.channels_last else out
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.grad_checkpointing = bool(enabled)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        self.channels_last = bool(enabled)
+        perf.to_channels_last(self, enabled)
+
+
+class ConvEncoder(_ConvStack):
     """uint8-normalised image [-1, 1] -> 2 * latent_channels moments at 1/downsample resolution."""
 
     def __init__(self, out_channels: int, downsample: int, base: int, mult: list[int], blocks: int):
@@ -59,11 +83,8 @@ class ConvEncoder(nn.Module):
         self.norm_out = group_norm(ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(x)))))
 
-
-class ConvDecoder(nn.Module):
+class ConvDecoder(_ConvStack):
     """Latent feature map [B, C, h, w] -> image [B, 3, h*downsample, w*downsample] in about [-1, 1]."""
 
     def __init__(self, in_channels: int, downsample: int, base: int, mult: list[int], blocks: int):
@@ -84,6 +105,3 @@ class ConvDecoder(nn.Module):
         self.body = nn.Sequential(*layers)
         self.norm_out = group_norm(ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], 3, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(z)))))

@@ -1,6 +1,7 @@
 """Datasets: the procedural ``shapes`` and the ``imagefolder`` (ADM centre crop)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vfmbench.config import DataConfig
+from vfmbench.data import BatchLoader, SkipCounter, iter_batches
 from vfmbench.errors import UserError
 from vfmbench.specs import DatasetSpec
 from vfmbench_plugins.datasets import imagefolder, shapes
@@ -17,13 +19,7 @@ from vfmbench_plugins.datasets.imagefolder import ImageFolderDataset, center_cro
 from vfmbench_plugins.datasets.shapes import ShapesDataset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and robust when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,3 +230,124 @@ def test_registration():
     assert set(by_name) == {"shapes", "imagefolder"} and all(isinstance(s, DatasetSpec) for s in specs)
     assert by_name["shapes"].num_classes == 10 and not by_name["shapes"].needs_root
     assert by_name["imagefolder"].num_classes == 0 and by_name["imagefolder"].needs_root
+
+
+# ---------------------------------------------------------------------------------------------
+# batched loading (vfmbench.data): workers and the corrupt-image policy
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+
+
+def test_imagefolder_workers_give_the_same_batches(folder):
+    ds = ImageFolderDataset(str(folder), "train", resolution=16)
+    order = [5, 0, 3, 3, 1, 4, 2]  # any order, repeats allowed
+    zero = list(iter_batches(ds, order, 3, num_workers=0))
+    two = list(iter_batches(ds, order, 3, num_workers=2))
+    assert [len(y) for _, y in zero] == [3, 3, 1] and _same(zero, two)
+    assert torch.equal(zero[0][0][0], ds[5][0]) and zero[1][1].tolist() == [ds.files[i][1] for i in (3, 1, 4)]
+    # the training loader: persistent workers, one batch of arbitrary indices per call
+    inline, pooled = BatchLoader(ds, num_workers=0), BatchLoader(ds, num_workers=2)
+    for batch in ([4, 1, 0, 5], [2], [3, 3, 0, 1, 2, 5, 4]):
+        assert _same([inline.load(batch)], [pooled.load(batch)])
+    assert pooled._loader is not None and pooled._loader.persistent_workers
+
+
+def test_skip_policy_raise_drop_replace(folder, tmp_path):
+    _truncate(folder / "train" / "cat" / "im0.jpg")
+    ds = ImageFolderDataset(str(folder), "train", resolution=16)
+    bad = ds.files.index(("cat/im0.jpg", 0))
+    assert bad == 0
+    for workers in (0, 2):
+        with pytest.raises(UserError, match=r"cat/im0\.jpg.*skip_corrupt=true") as e:
+            list(iter_batches(ds, range(6), 4, num_workers=workers))
+        assert "Traceback" not in str(e.value)  # raised in the main process, not re-raised from a worker
+        with pytest.raises(UserError, match=r"cat/im0\.jpg"):
+            BatchLoader(ds, num_workers=workers).load([3, 0])
+    log = []
+    skips = SkipCounter(path=tmp_path / "skipped-images.json", log=log.append)
+    dropped = list(iter_batches(ds, range(6), 4, split="train", num_workers=2, on_corrupt="drop", skips=skips))
+    assert [len(y) for _, y in dropped] == [3, 2] and torch.equal(dropped[0][0][0], ds[1][0])
+    # replace: the batch keeps its size; the corrupt index is filled by the next one that decodes
+    loader = BatchLoader(ds, split="train", num_workers=0, on_corrupt="replace", skips=skips)
+    x, y = loader.load([3, 0, 5])
+    assert x.shape[0] == 3 and torch.equal(x[1], ds[1][0]) and y[1] == ds.files[1][1] and torch.equal(x[0], ds[3][0])
+    assert _same([loader.load([3, 0, 5])], [BatchLoader(ds, split="train", num_workers=2, on_corrupt="replace", skips=skips).load([3, 0, 5])])
+    # counted once however often it is met, logged once, and written for later processes
+    assert skips.counts() == {"train": 1} and len(log) == 1 and "cat/im0.jpg" in log[0]
+    again = SkipCounter(path=tmp_path / "skipped-images.json")
+    assert again.counts() == {"train": 1}
+    other = tmp_path / "skipped-images.rank1.json"
+    other.write_text(json.dumps({"val": {"'x.png'": "OSError"}, "train": {next(iter(skips.items["train"])): "same"}}))
+    merged = SkipCounter(path=tmp_path / "skipped-images.json", others=lambda: [tmp_path / "skipped-images.json", other])
+    assert merged.counts() == {"train": 1, "val": 1} and merged.total() == 2
+
+
+def test_replace_skips_runs_of_corrupt_images_and_fails_when_all_are(folder):
+    for name in ("cat/im0.jpg", "dog/im0.jpeg"):
+        _truncate(folder / "train" / name)
+    (folder / "train" / "cat" / "im1.png").write_bytes(b"not a png")
+    ds = ImageFolderDataset(str(folder), "train", resolution=16)
+    skips = SkipCounter()
+    x, y = BatchLoader(ds, split="train", on_corrupt="replace", skips=skips).load([0, 5])
+    assert torch.equal(x[0], ds[2][0])  # 0 and 1 are corrupt: the next good index is 2
+    assert skips.counts() == {"train": 2}  # index 3 (dog) not met yet
+    list(iter_batches(ds, range(6), 6, split="train", on_corrupt="drop", skips=skips))
+    assert skips.counts() == {"train": 3}
+    for rel in ("cat/im2.PNG", "zebra/im0.png", "zebra/im1.JPEG"):
+        (folder / "train" / rel).write_bytes(b"garbage")
+    with pytest.raises(UserError, match="every image of the 'train' split is corrupt"):
+        BatchLoader(ImageFolderDataset(str(folder), "train", resolution=16), split="train", on_corrupt="replace", skips=SkipCounter()).load([0])
+
+
+# ---------------------------------------------------------------------------------------------
+# the runner: corrupt images and workers in a real run
+
+
+def _run(root: Path, out: Path, *extra: str) -> "object":
+    from vfmbench.config import parse_set
+    from vfmbench.plugins import get_plugin_manager
+    from vfmbench.runner import Run
+
+    host = get_plugin_manager()
+    layers = [host.presets.get("smoke").values]
+    for s in ("data.dataset=imagefolder", f"data.root={root}", "data.resolution=16", "data.train_images=0", "data.val_images=0", "tokenizer.name=kl-vae",
+              "tokenizer.train.images=0", f"run.out={out}", "run.device=cpu", "run.stages=[tokenizer]", "metrics.batch_size=4", *extra):
+        layers.append(parse_set(s))
+    from vfmbench.config import resolve
+
+    return Run.prepare(host, resolve(layers))
+
+
+def test_runner_batches_workers_shards_and_corrupt_file(folder, tmp_path, monkeypatch):
+    from vfmbench import dist
+
+    run = _run(folder, tmp_path / "runs", "data.num_workers=2")
+    ref = _run(folder, tmp_path / "runs", "data.num_workers=0")
+    a, b = list(run._iter_split("train", 0, "t")), list(ref._iter_split("train", 0, "t"))
+    assert [len(y) for _, y in a] == [4, 2] and _same(a, b)
+    assert _same([run._image_batch("train", torch.tensor([5, 1, 1]))], [ref._image_batch("train", torch.tensor([5, 1, 1]))])
+    assert _same(list(ref._iter_split("train", 5, "t", shard=True)), list(ref._iter_split("train", 5, "t")))  # not distributed
+    # under torchrun: each rank a contiguous block of batches; together every index exactly once
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "world", lambda: 2)
+    seen = []
+    for r in (0, 1):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        seen.append(torch.cat([y for _, y in ref._iter_split("train", 0, "t", shard=True)]))
+    monkeypatch.undo()
+    assert torch.equal(torch.cat(seen), torch.cat([y for _, y in b])) and len(seen[0]) == 4 and len(seen[1]) == 2
+    _truncate(folder / "train" / "dog" / "im0.jpeg")
+    fresh = _run(folder, tmp_path / "runs")
+    with pytest.raises(UserError, match=r"train/dog/im0\.jpeg.*data\.skip_corrupt=true"):
+        fresh._image_batch("train", torch.arange(6))
+    with pytest.raises(UserError, match=r"train/dog/im0\.jpeg"):
+        list(fresh._iter_split("train", 0, "t"))
+    with pytest.raises(UserError, match=r"data\.num_workers must be >= 0"):
+        _run(folder, tmp_path / "runs", "data.num_workers=-1")

@@ -16,13 +16,7 @@ TINY = dict(channels=[32, 32, 16, 8], layers=[1, 1, 1, 1], kernel_sizes=[3, 3, 5
             noise_resolution=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits (10x slower runs) when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_paper_decoder_parameter_count_matches_the_released_generator():

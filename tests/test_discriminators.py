@@ -8,13 +8,7 @@ from vfmbench_plugins.discriminators import (BatchNormLocal, DiscHead, MultiScal
                                              augment_cutout, augment_translation, diff_augment)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits (10x slower runs) when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shifted(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

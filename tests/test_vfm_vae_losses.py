@@ -10,13 +10,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from vfmbench_plugins.losses import SafeLossGuard, multiscale_l1, ssim_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits (10x slower runs) when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ssim_numpy(x: np.ndarray, y: np.ndarray, data_range: float = 2.0) -> float:

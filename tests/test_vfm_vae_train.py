@@ -12,13 +12,7 @@ from vfmbench.interfaces import to_float
 from vfmbench.runner import Run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits (10x slower runs) when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 STAGES = [  # the smoke recipe, shortened

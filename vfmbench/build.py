@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import perf
 from .config import RunConfig, validate_args
 from .errors import UserError
 from .interfaces import DiffusionModel, Tokenizer, Vfm
@@ -87,7 +88,18 @@ def decoder_name(host: Host, cfg: RunConfig) -> str:
     return host.decoders.canonical(cfg.decoder.name or spec.default_decoder)
 
 
+# Tokenizer methods run under the run's precision (``run.precision``): encoding (latent caching,
+# reconstruction) and decoding (reconstructions, samples). Training forwards get theirs in train_loop.
+TOKENIZER_AUTOCAST_METHODS = ("encode", "encode_from_vfm", "decode")
+
+
+def tokenizer_is_trained(cfg: RunConfig) -> bool:
+    return cfg.tokenizer.train.images > 0 and not cfg.tokenizer.weights
+
+
 def build_tokenizer(ctx: BuildContext) -> Tokenizer:
+    """The configured tokenizer with the run's switches applied (``vfmbench.perf``): channels-last
+    where it supports it, gradient checkpointing when it is trained, bf16 encode/decode."""
     cfg = ctx.config
     spec = ctx.host.tokenizers.get(cfg.tokenizer.name)
     if not spec.uses_decoder and cfg.decoder.name:
@@ -95,14 +107,26 @@ def build_tokenizer(ctx: BuildContext) -> Tokenizer:
     args = validate_args(spec.config, component_args(cfg, spec.name, cfg.tokenizer.args), "tokenizer.args")
     tok = spec.factory(args, ctx)
     tok.spec = spec
+    run = cfg.run
+    if run.channels_last:
+        perf.set_channels_last(tok, True)
+    if run.grad_checkpointing and tokenizer_is_trained(cfg):
+        perf.set_grad_checkpointing(tok, True, f"tokenizer {spec.name!r} (with decoder {decoder_name(ctx.host, cfg) or 'built in'!r})")
+    perf.autocast_methods(tok, TOKENIZER_AUTOCAST_METHODS, run.precision)
     return tok
 
 
 def build_diffusion(host: Host, cfg: RunConfig, latent_shape: tuple[int, int, int], num_classes: int) -> DiffusionModel:
+    """The configured diffusion model; gradient checkpointing applied when ``run.grad_checkpointing``
+    is set and the model is trained (``diffusion.train.images > 0``)."""
     spec = host.diffusion.get(cfg.diffusion.name)
     args = validate_args(spec.config, component_args(cfg, spec.name, cfg.diffusion.args), "diffusion.args")
     model = spec.factory(args, latent_shape, num_classes)
     model.spec = spec
+    if cfg.run.channels_last:
+        perf.set_channels_last(model, True)
+    if cfg.run.grad_checkpointing and cfg.diffusion.train.images > 0:
+        perf.set_grad_checkpointing(model, True, f"diffusion model {spec.name!r}")
     return model
 
 

@@ -29,11 +29,22 @@ class RunSection:
     seed: int = 0
     out: str = "runs"  # parent folder of run directories
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast on GPU)
+    precision: str = "fp32"  # fp32 | bf16: autocast of training forwards, encoding and decoding (docs/performance.md)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     cache_dir: str = ""  # features, reference statistics, smoke weights; default ~/.cache/vfmbench
     smoke: bool = False  # random-init weights are allowed; every number is labelled 'smoke'
+    tf32: bool = False  # TF32 tensor cores for float32 matmuls and convolutions (CUDA, Ampere and later)
+    compile: str = "off"  # off | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs: torch.compile of trained components
+    compile_backend: str = "inductor"  # a torch.compile backend (aot_eager to debug)
+    grad_checkpointing: bool = False  # recompute heavy blocks' activations in backward (trained components must support it)
+    channels_last: bool = False  # NHWC memory format for conv-heavy components that support it
+
+    def __post_init__(self) -> None:
+        from .perf import check_compile, check_precision
+
+        check_precision(self.precision)
+        check_compile(self.compile, self.compile_backend)
 
 
 @dataclass
@@ -44,8 +55,10 @@ class DataConfig:
     train_images: int = 0  # 0 = the whole split
     val_images: int = 0  # 0 = the whole split
     batch_size: int = 64  # per device
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes decoding images (0 = in the main process)
     seed: int = 0  # procedural datasets: generation seed
+    skip_corrupt: bool = False  # skip (and count) images that cannot be decoded instead of stopping
+    shuffle_buffer: int = 1000  # webdataset streaming: encoded samples in each worker's shuffle buffer (0 = shard order)
 
 
 @dataclass
@@ -68,6 +81,7 @@ class TrainConfig:
     lr: float = 1e-4
     ema_halflife_images: float = 0.0  # 0 = no EMA
     ckpt_every_images: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2  # the newest training checkpoints kept (resume falls back to an older one if the newest is unreadable)
     log_every_images: int = 0  # 0 = every ~1% of training
 
 
@@ -95,7 +109,7 @@ class SampleConfig:
     timestep_shift: float = 1.0
     label_sampling: str = "random"  # random | balanced
     batch_size: int = 64
-    precision: str = "fp32"
+    precision: str = ""  # fp32 | bf16 autocast of the sampler's model calls; "" = run.precision
 
 
 @dataclass
@@ -142,6 +156,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def sample_precision(self) -> str:
+        """The precision sampling runs in: ``diffusion.sample.precision``, else ``run.precision``."""
+        return self.diffusion.sample.precision or self.run.precision
 
 
 # ---------------------------------------------------------------------------------------------

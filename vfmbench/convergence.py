@@ -139,7 +139,7 @@ class ConvergenceCurve:
             self.model, tok, num_images=self.num_images, num_classes=run.num_classes,
             latent_shape=tok.latent_shape(run.cfg.data.resolution), sampler=sc.sampler, steps=self.steps,
             cfg_scale=self.cfg_scale, cfg_interval=sc.cfg_interval, timestep_shift=sc.timestep_shift,
-            label_sampling=sc.label_sampling, precision=sc.precision, batch_size=sc.batch_size,
+            label_sampling=sc.label_sampling, precision=run.cfg.sample_precision, batch_size=sc.batch_size,
             seed=run.cfg.run.seed + SEED_OFFSET, device=run.device,
         )
         grid = f"convergence/samples-{nimg:012d}.png"
@@ -156,7 +156,7 @@ class ConvergenceCurve:
         extra = {
             "sampler": sc.sampler, "steps": self.steps, "guidance": "cfg" if self.cfg_scale != 1.0 else "none",
             "cfg_scale": self.cfg_scale, "cfg_interval": list(sc.cfg_interval), "timestep_shift": sc.timestep_shift,
-            "label_sampling": sc.label_sampling, "sample_precision": sc.precision, "diffusion_images": int(nimg),
+            "label_sampling": sc.label_sampling, "sample_precision": run.cfg.sample_precision, "diffusion_images": int(nimg),
             "diffusion_epochs": round(nimg / len(run.dataset("train")), 4), "weights": "ema", "evaluation": "convergence",
         }
         rows = ev.finish("generation", reference, extra_protocol=extra)

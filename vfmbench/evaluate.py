@@ -5,6 +5,12 @@ A feature set is computed once per image set and shared by every metric that rea
 KID, precision/recall and sFID all read one Inception pass). Reference features of a dataset split
 are cached on disk, keyed by (dataset id, split, resolution, number of images, extractor and its
 weights hash), and reused across runs and combinations.
+
+Under torchrun an evaluator with ``sharded=True`` is used by every rank together: each rank adds
+the features of its own block of images (``vfmbench.dist.shard_batches``), reference features of a
+cache miss are computed likewise from each rank's block, and ``finish`` gathers everything to rank 0
+in rank order (= index order, each image once), where the metrics are computed and the reference
+cached; the other ranks get no rows.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from . import dist
 from .config import RunConfig
 from .metrics.cache import StatsCache
 from .plugins import Host
@@ -41,11 +48,19 @@ class Reference:
         return self._cache
 
 
+def _concat_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-rank feature arrays joined in rank order (a rank without images contributes nothing)."""
+    names = sorted({k for p in parts for k in p})
+    return {k: np.concatenate([p[k] for p in parts if k in p]) for k in names}
+
+
 class Evaluator:
     """Accumulates features of one candidate set, then computes every selected metric of a family."""
 
-    def __init__(self, host: Host, cfg: RunConfig, device: torch.device, cache_dir: Path):
+    def __init__(self, host: Host, cfg: RunConfig, device: torch.device, cache_dir: Path, sharded: bool = False):
         self.host, self.cfg, self.device, self.cache_dir = host, cfg, device, Path(cache_dir)
+        # True: every rank calls add_*/finish together on its own block of images (see the module docstring)
+        self.sharded = sharded
         names = cfg.metrics.names or host.metrics.names()
         self.specs: list[MetricSpec] = [host.metrics.get(n) for n in names]
         self._inception = None
@@ -113,7 +128,8 @@ class Evaluator:
             self._pairs[f"{ext}/{feat}"].append(self._pair_scores(ext, feat, images, recon))
 
     def dataset_reference(self, key: dict[str, Any], batches: Callable[[], Iterable[torch.Tensor]]) -> "Reference":
-        """A dataset split as the reference; its Inception features are cached on disk and reused."""
+        """A dataset split as the reference; its Inception features are cached on disk and reused.
+        With ``sharded``, ``batches()`` yields this rank's block of the split only."""
         rid = f"{key['dataset']}:{key['split']}:{key['num_images']}"
         return Reference(rid, lambda: self._cached_features(key, batches))
 
@@ -122,6 +138,8 @@ class Evaluator:
         bs = self.cfg.metrics.batch_size
 
         def batches():
+            if self._distributed():
+                return (images[start:stop] for _, start, stop in dist.shard_batches(images.shape[0], bs))
             return (images[i : i + bs] for i in range(0, images.shape[0], bs))
 
         return Reference(rid, lambda: self._cached_features(key, batches))
@@ -149,28 +167,63 @@ class Evaluator:
         inc = self.inception()
         full_key = {**key, "extractor": "inception-v3-compat", "weights": inc.weights_id, "features": list(inc.features), "version": 1}
         k = self.cache.key(**full_key)
-        hit = self.cache.get(k)
-        if hit is not None:
+        sharded = self._distributed()
+        hit = self.cache.get(k) if dist.is_main() or not sharded else None
+        if (dist.broadcast_object(hit is not None) if sharded else hit is not None):
+            if hit is None:
+                return {}  # another rank holds the statistics
             self.reference_cache_hits += 1
             return dict(hit)
         acc: dict[str, list[np.ndarray]] = defaultdict(list)
         for images in batches():
             for name, v in inc(images.to(self.device)).items():
                 acc[name].append(v)
-        arrays = {name: np.concatenate(v) for name, v in acc.items()}
+        local = {name: np.concatenate(v) for name, v in acc.items()}
+        parts = dist.gather_object(local) if sharded else [local]
+        if parts is None:
+            return {}
+        arrays = _concat_parts(parts)
         self.cache.put(k, arrays, meta=full_key)
         return arrays
 
+    def _distributed(self) -> bool:
+        return self.sharded and dist.is_distributed()
+
+    def _gather(self, reference: "Reference", needs_reference: bool) -> bool:
+        """Sharded: bring every rank's features (and the reference's, on a cache miss) to rank 0 in
+        rank order. Returns whether this rank computes the metrics."""
+        if not self._distributed():
+            return True
+        local = ({k: np.concatenate(v) for k, v in self._features.items()}, {k: np.concatenate(v) for k, v in self._pairs.items()})
+        self._features.clear()
+        self._pairs.clear()
+        parts = dist.gather_object(local)
+        if needs_reference:
+            reference.get_features()  # collective on a cache miss
+        if parts is None:
+            return False
+        for target, merged in ((self._features, _concat_parts([f for f, _ in parts])), (self._pairs, _concat_parts([p for _, p in parts]))):
+            for k, v in merged.items():
+                target[k].append(v)
+        return True
+
     # -- values -----------------------------------------------------------------------------------
     def finish(self, family: str, reference: "Reference", extra_protocol: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Compute the family's metrics on what was accumulated, then reset the accumulators."""
+        """Compute the family's metrics on what was accumulated, then reset the accumulators.
+        With ``sharded``, a collective: rank 0 gets the rows of every rank's images, the others []."""
         specs = [s for s in self.family_specs(family) if s.inputs in ("distribution", "single", "pairs")]
+        needs_reference = reference.features is not None and any(
+            s.inputs == "distribution" and not (s.stats_kind == "gaussian" and s.feature in reference.stats_override) for s in specs)
+        if not self._gather(reference, needs_reference):
+            return []
         features = {k: np.concatenate(v) for k, v in self._features.items()}
         pairs = {k: np.concatenate(v) for k, v in self._pairs.items()}
         self._features.clear()
         self._pairs.clear()
         n = next((len(v) for v in features.values()), next((len(v) for v in pairs.values()), 0))
         protocol: dict[str, Any] = {"num_images": int(n), "reference": reference.id, "precision": self.cfg.run.precision}
+        if self.cfg.run.tf32:
+            protocol["tf32"] = True
         smoke = self.cfg.run.smoke
         if self._inception is not None:
             protocol.update(extractor="inception-v3-compat (torch-fidelity)", extractor_weights=self._inception.weights_id)

@@ -35,11 +35,18 @@ from .plugins import Host
 from .results import SCHEMA_VERSION, write_rows
 from .train import IndexStream, train_loop
 
-# Stages that run on every rank under torchrun (the others run on rank 0).
-PARALLEL_STAGES = ("tokenizer", "diffusion")
+# Stages that run on every rank under torchrun (the others run on rank 0): training is data-parallel,
+# encoding, sampling and feature extraction are sharded by blocks of batches and gathered on rank 0.
+PARALLEL_STAGES = ("tokenizer", "recon-eval", "latents", "diffusion", "sample", "gen-eval")
 
 # Config keys that do not change what a run computes (excluded from the run directory's hash).
-NON_RESULT_KEYS = {("run", "stages"), ("run", "out"), ("run", "num_threads"), ("run", "cache_dir"), ("metrics", "batch_size")}
+NON_RESULT_KEYS = {
+    ("run", "stages"), ("run", "out"), ("run", "num_threads"), ("run", "cache_dir"), ("metrics", "batch_size"),
+    ("tokenizer", "train", "keep_checkpoints"), ("diffusion", "train", "keep_checkpoints"),
+    # speed and memory switches: the same run directory, so e.g. checkpointing can rescue a run that ran out of memory
+    ("run", "compile"), ("run", "compile_backend"), ("run", "grad_checkpointing"), ("run", "channels_last"),
+    ("data", "num_workers"), ("data", "shuffle_buffer"),
+}
 
 
 def log(msg: str) -> None:
@@ -59,8 +66,11 @@ def git_hash() -> str:
 
 def _result_dict(cfg: RunConfig, uses_vfm: bool = True) -> dict[str, Any]:
     d = cfg.to_dict()
-    for section, key in NON_RESULT_KEYS:
-        d[section].pop(key, None)
+    for *path, key in NON_RESULT_KEYS:
+        node = d
+        for part in path:
+            node = node[part]
+        node.pop(key, None)
     if not uses_vfm:  # the VFM axis of a sweep does not change a tokenizer that has no VFM
         d["vfm"].pop("name", None)
         d["vfm"].pop("weights", None)
@@ -109,6 +119,9 @@ def validate(host: Host, cfg: RunConfig) -> None:
         raise UserError(f"diffusion.sample.label_sampling must be 'random' or 'balanced', got {s.label_sampling!r}")
     if len(s.cfg_interval) != 2 or not 0.0 <= s.cfg_interval[0] <= s.cfg_interval[1] <= 1.0:
         raise UserError(f"diffusion.sample.cfg_interval must be [t_low, t_high] within [0, 1], got {s.cfg_interval}")
+    for section, tc in (("tokenizer", cfg.tokenizer.train), ("diffusion", cfg.diffusion.train)):
+        if tc.keep_checkpoints < 1:
+            raise UserError(f"{section}.train.keep_checkpoints must be at least 1 (the newest checkpoint), got {tc.keep_checkpoints}")
     if cfg.vfm.cache_features not in ("auto", "always", "never"):
         raise UserError(f"vfm.cache_features must be auto, always or never, got {cfg.vfm.cache_features!r}")
     if cfg.run.precision not in ("fp32", "bf16"):
@@ -180,6 +193,10 @@ class Run:
             spec = self.host.datasets.get(self.cfg.data.dataset)
             if split not in spec.splits:
                 raise UserError(f"dataset {spec.name!r} has no {split!r} split (it has {', '.join(spec.splits)})")
+            if self.cfg.data.num_workers < 0:
+                raise UserError(f"data.num_workers must be >= 0 (0 decodes in the main process), got {self.cfg.data.num_workers}")
+            if self.cfg.data.shuffle_buffer < 0:
+                raise UserError(f"data.shuffle_buffer must be >= 0 (0 keeps shard order), got {self.cfg.data.shuffle_buffer}")
             self._datasets[split] = spec.factory(self.cfg.data, split)
         return self._datasets[split]
 
@@ -199,7 +216,11 @@ class Run:
         return (self.stage_dir(stage) / "done.json").exists()
 
     def mark_done(self, stage: str, info: dict[str, Any]) -> None:
-        write_json(self.stage_dir(stage) / "done.json", {"stage": stage, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **info})
+        """``done.json`` of a stage: ``info`` plus the date and this process's peak memory (``vfmbench.perf.peak_memory``)."""
+        from .perf import peak_memory
+
+        write_json(self.stage_dir(stage) / "done.json", {"stage": stage, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                                         **peak_memory(self.device), **info})
 
     def write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,26 +283,79 @@ class Run:
             )
 
     def _image_batch(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = self.dataset(split)
-        ids = [int(i) for i in idx]
-        items = ds.__getitems__(ids) if hasattr(ds, "__getitems__") else [ds[i] for i in ids]
-        images = torch.stack([x for x, _ in items]).to(self.device)
-        labels = torch.tensor([int(y) for _, y in items], dtype=torch.long, device=self.device)
-        return images, labels
+        """The images and labels of some indices, in order and always all of them: a corrupt image
+        stops the run naming the file, or under ``data.skip_corrupt`` is replaced by the next index
+        that decodes (training batches keep their size; exact resume stays exact)."""
+        from .data import BatchLoader, worker_count
 
-    def _iter_split(self, split: str, n: int, desc: str):
+        loaders = getattr(self, "_batch_loaders", None)
+        if loaders is None:
+            loaders = self._batch_loaders = {}
+        if split not in loaders:
+            d = self.cfg.data
+            loaders[split] = BatchLoader(
+                self.dataset(split), split=split, num_workers=worker_count(d.num_workers),
+                on_corrupt="replace" if d.skip_corrupt else "raise", skips=self.data_skips(), pin_memory=self.device.type == "cuda",
+            )
+        images, labels = loaders[split].load([int(i) for i in idx])
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def _iter_split(self, split: str, n: int, desc: str, shard: bool = False):
+        """Batches of ``metrics.batch_size`` over the first ``n`` images of a split (0 = all), in
+        index order. ``shard=True`` under torchrun: this rank's contiguous block of batches only
+        (``dist.shard_batches``; the ranks' blocks in rank order cover every index once).
+
+        Under ``data.skip_corrupt`` a corrupt image is dropped from val passes (evaluation: no image
+        counted twice) and replaced by the next decodable index in train passes, so that position k
+        of a train pass is still dataset index k (the latents and the alignment targets of the
+        diffusion stage are indexed by dataset index)."""
+        from . import dist
+        from .data import iter_batches, worker_count
+
         ds = self.dataset(split)
         n = min(n, len(ds)) if n else len(ds)
         bs = self.cfg.metrics.batch_size
-        for start in tqdm(range(0, n, bs), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-            yield self._image_batch(split, torch.arange(start, min(start + bs, n)))
+        if shard and dist.is_distributed():
+            indices: Any = [i for _, start, stop in dist.shard_batches(n, bs) for i in range(start, stop)]
+        else:
+            indices = range(n)
+        d = self.cfg.data
+        on_corrupt = ("replace" if split == "train" else "drop") if d.skip_corrupt else "raise"
+        batches = iter_batches(
+            ds, indices, bs, split=split, num_workers=worker_count(d.num_workers), on_corrupt=on_corrupt,
+            skips=self.data_skips(), pin_memory=self.device.type == "cuda",
+        )
+        for images, labels in tqdm(batches, total=-(-len(indices) // bs), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def data_skips(self):
+        """The ``vfmbench.data.SkipCounter`` of this run: corrupt images skipped under
+        ``data.skip_corrupt``, recorded in ``skipped-images*.json`` of the run directory (one file per
+        rank), so that later invocations and rank 0 count what every process skipped."""
+        skips = getattr(self, "_data_skips", None)
+        if skips is None:
+            from . import dist
+            from .data import SkipCounter, skip_file, skip_files
+
+            skips = self._data_skips = SkipCounter(path=skip_file(self.run_dir, dist.rank()), others=lambda: skip_files(self.run_dir), log=log)
+        return skips
+
+    def skipped_images(self) -> dict[str, int]:
+        """Corrupt images skipped so far, per split (every rank and invocation of this run)."""
+        return self.data_skips().counts()
 
     # -- stages ---------------------------------------------------------------------------------
     def execute(self) -> Path:
-        """Run the configured stages. Under torchrun the training stages run data-parallel on every
-        rank; the other stages run on rank 0 while the others wait; only rank 0 writes."""
+        """Run the configured stages. Under torchrun the ranks first check that they share one
+        config; the stages of ``PARALLEL_STAGES`` run on every rank (training data-parallel, the
+        others sharded and gathered on rank 0); the rest run on rank 0 while the others wait; only
+        rank 0 writes files. Every rank reads the run directory (checkpoints, models, samples), so
+        on several nodes it must be on a shared filesystem."""
         from . import dist
+        from .perf import begin_stage
 
+        dist.check_same_config(config_hash(self.cfg.to_dict(), 64))
+        batches = self._global_batches()
         if dist.is_main():
             self.write_config()
         dist.barrier()
@@ -289,30 +363,35 @@ class Run:
         for stage in STAGES:
             if stage not in self.cfg.run.stages:
                 continue
-            if self.is_done(stage) and stage != "results":
+            if dist.broadcast_object(self.is_done(stage)) and stage != "results":  # rank 0 decides for all ranks
                 log(f"{stage}: done, skipped")
                 continue
-            log(f"{stage}: running")
+            log(f"{stage}: running" + (f" ({batches[stage]})" if stage in batches else ""))
+            begin_stage(self.cfg.run, self.device)  # process-wide numerics (run.tf32) and a fresh peak-memory window
             t0 = time.time()
             if stage in PARALLEL_STAGES or dist.is_main():
                 info = getattr(self, "stage_" + stage.replace("-", "_"))() or {}
                 if dist.is_main():
+                    if self.cfg.data.skip_corrupt:
+                        info["data_skipped_images"] = self.skipped_images()  # per split, e.g. {"train": 1}
                     self.mark_done(stage, {"seconds": round(time.time() - t0, 2), "world_size": dist.world(), **info})
-            if stage not in PARALLEL_STAGES:
-                self._reload_after_rank0_stage(stage)
-            dist.barrier()
+            dist.barrier()  # stages outside PARALLEL_STAGES: the other ranks wait for rank 0 here
             log(f"{stage}: finished in {time.time() - t0:.1f} s")
         log(f"run finished in {time.time() - t_all:.1f} s: {self.run_dir}")
         return self.run_dir
 
-    def _reload_after_rank0_stage(self, stage: str) -> None:
-        """Other ranks pick up what rank 0 computed (the latent statistics)."""
+    def _global_batches(self) -> dict[str, str]:
+        """Check, before any work, that each training stage's global batch splits over the ranks
+        (UserError otherwise); the split of each, for the log."""
         from . import dist
 
-        dist.barrier()
-        if stage == "latents" and not dist.is_main() and self._tokenizer is not None:
-            s = load_torch(self.stage_dir("latents") / "stats.pt", self.device)
-            self._tokenizer.set_latent_stats(s["mean"], s["std"])
+        out = {}
+        for stage, tc in (("tokenizer", self.cfg.tokenizer.train), ("diffusion", self.cfg.diffusion.train)):
+            if stage not in self.cfg.run.stages or tc.images <= 0 or (stage == "tokenizer" and self.cfg.tokenizer.weights):
+                continue
+            per = dist.per_device_batch(tc.batch_size, tc.grad_accum, f"{stage}.train")
+            out[stage] = f"global batch {tc.batch_size} = {per} per device x {dist.world()} ranks x {tc.grad_accum} accumulation steps"
+        return out
 
     def stage_tokenizer(self) -> dict[str, Any]:
         d = self.stage_dir("tokenizer")
@@ -338,8 +417,9 @@ class Run:
                 result = train_loop(
                     tok, tok.training_phases(st.lr), lambda idx: self._image_batch("train", idx), len(self.dataset("train")),
                     total_images=st.images, batch_size=tc.batch_size, ckpt_path=d / f"ckpt-{tag}.pt", seed=self.cfg.run.seed + i,
-                    ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images,
+                    ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints,
                     log_every_images=tc.log_every_images, grad_accum=tc.grad_accum, log_path=d / f"train_log-{tag}.jsonl", desc=f"tokenizer {st.name}",
+                    precision=self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
                 )
                 if is_main():
                     save_torch(tok.weights_state(), final)
@@ -356,24 +436,36 @@ class Run:
         return info
 
     def stage_recon_eval(self) -> dict[str, Any]:
+        """Every rank reconstructs and featurises its block of the val images (posterior noise per
+        image index, so the result does not depend on the world size); rank 0 gets the metrics."""
+        from . import dist
+
         d = self.stage_dir("recon-eval")
         d.mkdir(parents=True, exist_ok=True)
         tok = self.tokenizer()
         ev = self.evaluator()
-        gen = torch.Generator(self.device).manual_seed(self.cfg.run.seed)
+        ev.sharded = True
         n = self.cfg.metrics.recon_images
         first = None
         with torch.no_grad():
-            for images, _, post, _ in self._posteriors("val", n, "reconstruct"):
-                recon = tok.decode_uint8(post.sample(gen))
+            for start, images, _, post, _ in self._posteriors("val", n, "reconstruct"):
+                recon = tok.decode_uint8(self._posterior_sample(post, ("recon-eval", "val"), start))
                 ev.add_pairs(images, recon)
-                if first is None:
+                if start == 0:
                     first = (images[:8].cpu(), recon[:8].cpu())
+        reference = ev.dataset_reference(self.val_reference_key(n), self._val_reference_shard(n))
+        rows = ev.finish("reconstruction", reference)
+        first = next((f for f in dist.gather_object(first) or [] if f is not None), None)
+        if not dist.is_main():
+            return {}
         save_pairs(*first, d / "reconstructions.png")
-        rows = ev.finish("reconstruction", ev.dataset_reference(self.val_reference_key(n), self.val_reference_batches(n)))
         write_rows(d / "rows.jsonl", [self.row(r, images={"reconstructions": "recon-eval/reconstructions.png"}) for r in rows])
         return {"metrics": {r["metric"]: r["value"] for r in rows}, "vfm_feature_cache": dataclasses.asdict(self.feature_stats),
                 "reference_cache_hits": ev.reference_cache_hits}
+
+    def _val_reference_shard(self, n: int):
+        """Batches of the first ``n`` val images for reference features: this rank's block under torchrun."""
+        return lambda: (images for images, _ in self._iter_split("val", n, "reference features", shard=True))
 
     def val_reference_key(self, n: int) -> dict[str, Any]:
         ds = self.dataset("val")
@@ -384,7 +476,10 @@ class Run:
 
     def _vfm_tokens(self, split: str, n: int, flip: bool):
         """Cached VFM tokens of a split (for tokenizers that encode from frozen VFM tokens), or None
-        when the tokenizer does not or the cache would be too large (``vfm.cache_features``)."""
+        when the tokenizer does not or the cache would be too large (``vfm.cache_features``).
+        Under torchrun rank 0 fills the cache on a miss while the others wait, then they read it."""
+        from . import dist
+
         tok = self.tokenizer()
         req = tok.vfm_request()
         mode = self.cfg.vfm.cache_features
@@ -402,11 +497,19 @@ class Run:
 
         key = {"dataset": getattr(ds, "cache_id", self.cfg.data.dataset), "split": split, "resolution": res, "images": n, "hflip": flip}
         batches = lambda: (images.flip(-1) if flip else images for images, _ in self._iter_split(split, n, f"VFM tokens {split}"))  # noqa: E731
-        return cached_tokens(vfm, layers, key, batches, default_cache_dir(self.cfg) / "vfm-features", stats=self.feature_stats)
+        if not dist.is_main():
+            dist.barrier()
+        tokens = cached_tokens(vfm, layers, key, batches, default_cache_dir(self.cfg) / "vfm-features", stats=self.feature_stats)
+        if dist.is_main():
+            dist.barrier()
+        return tokens
 
     def _posteriors(self, split: str, n: int, desc: str, flip: bool = False):
-        """Yield (images, labels, posterior, posterior of the flipped images or None) over a split,
-        encoding from cached VFM tokens when the tokenizer allows it."""
+        """Yield (index of the first image, images, labels, posterior, posterior of the flipped
+        images or None) over the first ``n`` images of a split (0 = all), in batches of
+        ``metrics.batch_size``; under torchrun only this rank's block of batches. Encodes from cached
+        VFM tokens when the tokenizer allows it."""
+        from . import dist
         from .interfaces import VfmTokens
 
         tok = self.tokenizer()
@@ -418,8 +521,9 @@ class Run:
             g = int(round(next(iter(layers.values())).shape[1] ** 0.5))
             return tok.encode_from_vfm(VfmTokens(layers=layers, grid=(g, g)))
 
-        start = 0
-        for images, y in self._iter_split(split, n, desc):
+        total = min(n, len(self.dataset(split))) if n else len(self.dataset(split))
+        starts = [start for _, start, _ in dist.shard_batches(total, self.cfg.metrics.batch_size)]
+        for start, (images, y) in zip(starts, self._iter_split(split, n, desc, shard=True)):
             stop = start + images.shape[0]
             if cached is not None:
                 post = from_cache(cached, start, stop)
@@ -427,33 +531,63 @@ class Run:
             else:
                 post = tok.encode(images)
                 post_f = tok.encode(images.flip(-1)) if flip else None
-            yield images, y, post, post_f
-            start = stop
+            yield start, images, y, post, post_f
 
-    def _encode_split(self, split: str, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _posterior_sample(self, post, stream: tuple, start: int) -> torch.Tensor:
+        """``mean + std * eps`` with each image's ``eps`` drawn from its own generator, seeded by
+        (run seed, ``stream``, image index): the same latents whatever the batch size or world size."""
+        from . import dist
+
+        shape = tuple(post.mean.shape[1:])
+        eps = torch.stack([
+            torch.randn(shape, generator=torch.Generator().manual_seed(dist.derive_seed(self.cfg.run.seed, *stream, start + i)))
+            for i in range(post.mean.shape[0])
+        ])
+        return post.mean + post.std * eps.to(device=post.mean.device, dtype=post.mean.dtype)
+
+    def _encode_split(self, split: str, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Posterior samples (and those of the flipped images) and labels of a whole split, in index
+        order; under torchrun each rank encodes its block and rank 0 gets the whole split, the
+        other ranks None."""
+        from . import dist
+
         zs, flips, labels = [], [], []
-        gen = torch.Generator(self.device).manual_seed(self.cfg.run.seed + (0 if split == "train" else 1))
         with torch.no_grad():
-            for _, y, post, post_f in self._posteriors(split, 0, f"encode {split}", flip=flip):
-                zs.append(post.sample(gen).cpu())
+            for start, _, y, post, post_f in self._posteriors(split, 0, f"encode {split}", flip=flip):
+                zs.append(self._posterior_sample(post, ("latents", split), start).cpu())
                 if flip:
-                    flips.append(post_f.sample(gen).cpu())
+                    flips.append(self._posterior_sample(post_f, ("latents-flip", split), start).cpu())
                 labels.append(y.cpu())
-        z = torch.cat(zs)
-        return z, (torch.cat(flips) if flip else z[:0]), torch.cat(labels)
+        local = (torch.cat(zs), torch.cat(flips) if flip else None, torch.cat(labels)) if zs else None
+        parts = [p for p in dist.gather_object(local) or [] if p is not None]
+        if not dist.is_main():
+            return None
+        z = torch.cat([p[0] for p in parts])
+        return z, (torch.cat([p[1] for p in parts]) if flip else z[:0]), torch.cat([p[2] for p in parts])
 
     def stage_latents(self) -> dict[str, Any]:
+        """Every rank encodes its block of each split; rank 0 writes the gathered latents (identical
+        to a one-process run) and their statistics, which every rank then uses."""
+        from . import dist
+
         d = self.stage_dir("latents")
         d.mkdir(parents=True, exist_ok=True)
-        z, zf, y = self._encode_split("train", flip=True)
-        save_torch({"latents": z, "flipped": zf, "labels": y}, d / "train.pt")
-        zv, _, yv = self._encode_split("val", flip=False)
-        save_torch({"latents": zv, "labels": yv}, d / "val.pt")
-        both = torch.cat([z, zf]).double()
-        mean = both.mean(dim=(0, 2, 3)).float()
-        std = both.std(dim=(0, 2, 3)).float()
-        save_torch({"mean": mean, "std": std, "num_latents": int(both.shape[0])}, d / "stats.pt")
+        train = self._encode_split("train", flip=True)
+        val = self._encode_split("val", flip=False)
+        stats = None
+        if dist.is_main():
+            (z, zf, y), (zv, _, yv) = train, val
+            save_torch({"latents": z, "flipped": zf, "labels": y}, d / "train.pt")
+            save_torch({"latents": zv, "labels": yv}, d / "val.pt")
+            both = torch.cat([z, zf]).double()
+            mean = both.mean(dim=(0, 2, 3)).float()
+            std = both.std(dim=(0, 2, 3)).float()
+            save_torch({"mean": mean, "std": std, "num_latents": int(both.shape[0])}, d / "stats.pt")
+            stats = (mean, std)
+        mean, std = dist.broadcast_object(stats)
         self.tokenizer().set_latent_stats(mean.to(self.device), std.to(self.device))
+        if not dist.is_main():
+            return {}
         return {"train_latents": list(z.shape), "val_latents": list(zv.shape), "mean_abs_mean": float(mean.abs().mean()),
                 "mean_std": float(std.mean()), "vfm_feature_cache": dataclasses.asdict(self.feature_stats)}
 
@@ -528,8 +662,9 @@ class Run:
             result = train_loop(
                 model, model.training_phases(tc.lr), get_batch, z.shape[0], total_images=total, batch_size=tc.batch_size,
                 ckpt_path=d / "ckpt.pt", seed=self.cfg.run.seed + 1, ema_halflife_images=tc.ema_halflife_images,
-                ckpt_every_images=tc.ckpt_every_images, log_every_images=tc.log_every_images or max(tc.batch_size, tc.images // 100),
+                ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints, log_every_images=tc.log_every_images or max(tc.batch_size, tc.images // 100),
                 grad_accum=tc.grad_accum, log_path=d / "train_log.jsonl", desc="diffusion",
+                precision=self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
             )
             first = first or result
             if curve is not None:
@@ -547,6 +682,10 @@ class Run:
         return info
 
     def stage_sample(self) -> dict[str, Any]:
+        """Samples in batches of ``diffusion.sample.batch_size``: batch k's noise (initial and SDE)
+        comes from a generator seeded by (seed, k), so the images do not depend on the world size;
+        under torchrun each rank samples its block of batches and rank 0 writes them all."""
+        from . import dist
         from .metrics.adm import write_samples_npz
         from .sampling import sample, sample_labels
 
@@ -561,16 +700,21 @@ class Run:
         labels = sample_labels(sc.num_images, self.num_classes, mode=sc.label_sampling, generator=gen).to(self.device)
         shape = tok.latent_shape(self.cfg.data.resolution)
         out = []
+        mine = dist.shard_batches(sc.num_images, sc.batch_size)
         with torch.no_grad():
-            for start in tqdm(range(0, sc.num_images, sc.batch_size), desc="sample", unit="batch", leave=False, dynamic_ncols=True):
-                y = labels[start : start + sc.batch_size]
-                noise = torch.randn((y.shape[0], *shape), generator=gen, device=self.device)
+            for k, start, stop in tqdm(mine, desc="sample", unit="batch", leave=False, dynamic_ncols=True, disable=not dist.is_main() or None):
+                y = labels[start:stop]
+                g = torch.Generator(self.device).manual_seed(dist.derive_seed(self.cfg.run.seed, "sample", k))
+                noise = torch.randn((y.shape[0], *shape), generator=g, device=self.device)
                 z = sample(
                     model, noise, y, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale, cfg_interval=tuple(sc.cfg_interval),
-                    timestep_shift=sc.timestep_shift, generator=gen, precision=sc.precision,
+                    timestep_shift=sc.timestep_shift, generator=g, precision=self.cfg.sample_precision,
                 )
                 out.append(tok.decode_uint8(tok.denormalize(z)).cpu())
-        images = torch.cat(out)
+        parts = dist.gather_object(torch.cat(out) if out else None)
+        if not dist.is_main():
+            return {}
+        images = torch.cat([x for x in parts if x is not None])
         write_samples_npz(d / "samples.npz", images)
         torch.save(labels.cpu(), d / "labels.pt")
         order = torch.argsort(labels.cpu(), stable=True)[:64]
@@ -578,6 +722,9 @@ class Run:
         return {"num_images": int(images.shape[0])}
 
     def stage_gen_eval(self) -> dict[str, Any]:
+        """Every rank featurises its block of the samples (and of the reference on a cache miss);
+        rank 0 gets the metrics and writes the rows."""
+        from . import dist
         from .metrics.adm import read_samples_npz
         from .results import read_rows
 
@@ -585,23 +732,27 @@ class Run:
         d.mkdir(parents=True, exist_ok=True)
         images = read_samples_npz(self.stage_dir("sample") / "samples.npz")
         ev = self.evaluator()
+        ev.sharded = True
         bs = self.cfg.metrics.batch_size
-        for start in tqdm(range(0, images.shape[0], bs), desc="sample features", unit="batch", leave=False, dynamic_ncols=True):
-            ev.add_samples(images[start : start + bs].to(self.device))
+        mine = dist.shard_batches(images.shape[0], bs)
+        for _, start, stop in tqdm(mine, desc="sample features", unit="batch", leave=False, dynamic_ncols=True, disable=not dist.is_main() or None):
+            ev.add_samples(images[start:stop].to(self.device))
         n = len(self.dataset("val"))
         sc = self.cfg.diffusion.sample
         extra = {
             "sampler": sc.sampler, "steps": sc.steps, "guidance": "cfg" if sc.cfg_scale != 1.0 else "none",
             "cfg_scale": sc.cfg_scale, "cfg_interval": list(sc.cfg_interval), "timestep_shift": sc.timestep_shift,
-            "label_sampling": sc.label_sampling, "sample_precision": sc.precision,
+            "label_sampling": sc.label_sampling, "sample_precision": self.cfg.sample_precision,
             "diffusion_images": self.cfg.diffusion.train.images,
             "diffusion_epochs": round(self.cfg.diffusion.train.images / len(self.dataset("train")), 4),
         }
         if self.cfg.metrics.reference:
             reference = ev.adm_reference(self.cfg.metrics.reference)
         else:
-            reference = ev.dataset_reference(self.val_reference_key(n), self.val_reference_batches(n))
+            reference = ev.dataset_reference(self.val_reference_key(n), self._val_reference_shard(n))
         rows = ev.finish("generation", reference, extra_protocol=extra)
+        if not dist.is_main():
+            return {}
         rows = [self.row(r, images={"samples": "sample/samples.png"}) for r in rows]
         curve = self.stage_dir("diffusion") / "convergence.jsonl"  # gFID-versus-images rows of the diffusion stage
         write_rows(d / "rows.jsonl", rows + (read_rows(curve) if curve.exists() else []))
@@ -652,7 +803,7 @@ class Run:
             "family": family,
             "value": r["value"],
             "higher_is_better": r["higher_is_better"],
-            "protocol": r["protocol"],
+            "protocol": {**r["protocol"], "data_skipped_images": self.data_skips().total()} if c.data.skip_corrupt else r["protocol"],
             "seed": c.run.seed,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",

@@ -46,12 +46,12 @@ acts on both. Only the latents are returned unless ``return_joint=True``.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
 
 from .errors import UserError, did_you_mean
+from .perf import autocast
 
 SAMPLERS = ("euler", "heun", "euler-maruyama")
 LABEL_MODES = ("random", "balanced")
@@ -123,11 +123,7 @@ class GuidedVelocity:
         yin = torch.cat([self.labels, self.null]) if guide else self.labels
         mdtype = _model_dtype(self.model, x.dtype)
         tin = torch.full((xin.shape[0],), t, dtype=mdtype, device=x.device)
-        if self.precision == "bf16":
-            ctx = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
-        else:
-            ctx = contextlib.nullcontext()
-        with ctx:
+        with autocast(x.device, self.precision):
             out = self.model(xin.to(mdtype), tin, yin)
         out = out.to(x.dtype)
         if not guide:

@@ -1,5 +1,19 @@
-"""The one training loop: counted in images, EMA by half-life in images, atomic checkpoints,
-resume by re-running the same command (model, EMA, optimisers, RNG and data position)."""
+"""The one training loop: counted in images, EMA by half-life in images, atomic checkpoints (the
+last ``keep_checkpoints`` kept), resume by re-running the same command (model, EMA, optimisers, RNG and data
+position).
+
+Randomness inside a step (data augmentation in ``get_batch``, noise and timesteps in the losses)
+comes from the global torch RNG, re-seeded before each micro-batch from (seed, images seen, phase,
+micro-batch index in the global batch). A step's random draws therefore depend neither on the rank
+that runs a micro-batch nor on an interruption: ``w`` ranks with ``a`` accumulation steps train
+exactly like one process with ``w * a`` accumulation steps (up to floating-point summation order;
+a module that updates buffers in its forward, e.g. spectral norm's power iteration, follows rank
+0's buffers under DDP and so matches only approximately), and a resumed run continues bitwise like
+an uninterrupted one on CPU.
+
+No gradient scaler: training runs in float32 or under bf16 autocast (bf16 has float32's exponent
+range), and fp16 autocast is not offered.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import load_torch, save_torch
+from .checkpoint import load_latest_checkpoint, save_checkpoint, write_text
 from .interfaces import Phase
 
 
@@ -88,6 +102,30 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _seed_micro(seed: int, nimg: int, slot: int, micro: int) -> None:
+    """Seed the global RNG (CPU and CUDA) for one micro-batch of the step that starts at ``nimg``;
+    ``slot`` 0 is data loading, ``1 + i`` is phase ``i``; ``micro`` indexes the global batch's micro-batches."""
+    from .dist import derive_seed
+
+    torch.manual_seed(derive_seed("train", seed, nimg, slot, micro))
+
+
+def _truncate_log(log_path: Path, nimg: int) -> None:
+    """Drop the log lines written after the checkpoint a run resumes from (a killed run wrote them;
+    the resumed run writes them again)."""
+    if not log_path.exists():
+        return
+    keep = []
+    for line in log_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if isinstance(rec, dict) and rec.get("nimg", math.inf) <= nimg:
+            keep.append(line)
+    write_text(log_path, "".join(x + "\n" for x in keep))
+
+
 def trainable_state(module: nn.Module, phases: list[Phase]) -> dict[str, torch.Tensor]:
     """State of ``module`` without its frozen parameters (a frozen VFM is not checkpointed)."""
     trainable = {id(p) for ph in phases for p in ph.params}
@@ -112,6 +150,10 @@ def train_loop(
     desc: str = "train",
     max_loss_jump: float = 0.0,
     grad_accum: int = 1,
+    keep_checkpoints: int = 2,
+    precision: str = "fp32",
+    compile: str = "off",
+    compile_backend: str = "inductor",
 ) -> TrainResult:
     """Train ``module`` for ``total_images`` images.
 
@@ -121,14 +163,21 @@ def train_loop(
     clipping, optimiser step. A step whose loss is non-finite (or, with ``max_loss_jump`` > 0, more
     than that factor above the previous step's) is skipped and counted. The checkpoint at
     ``ckpt_path`` is written atomically every ``ckpt_every_images`` and at the end; when it exists
-    the loop resumes from it. At the end the EMA weights (if any) are copied into the module.
+    the loop resumes from it (or, when it is unreadable, from the newest readable of the
+    ``keep_checkpoints - 1`` older ones kept beside it as ``<stem>.<nimg>.pt``), and the lines of
+    ``log_path`` written after that checkpoint are dropped. At the end the EMA weights (if any) are copied into the module.
 
     Under torchrun (``vfmbench.dist``), ``batch_size`` stays the global batch: each step's indices
     are the same on every rank, and rank r of world w takes micro-batch slices of
     ``batch_size / (w * grad_accum)`` images; gradients are averaged by DistributedDataParallel, so
     a step sees the same global batch whatever the world size. Only rank 0 writes files.
+
+    ``precision='bf16'`` runs each ``phase_loss`` under bf16 autocast (parameters, gradients and
+    optimiser state stay float32; the loss is reduced and back-propagated as float32).
+    ``compile`` (a ``run.compile`` mode other than 'off') compiles the module's
+    ``compile_targets()`` in place with ``compile_backend`` before training (``vfmbench.perf``).
     """
-    from . import dist
+    from . import dist, perf
 
     world, rank = dist.world(), dist.rank()
     if batch_size % (world * grad_accum):
@@ -137,13 +186,17 @@ def train_loop(
             "change tokenizer/diffusion .train.batch_size or .train.grad_accum"
         )
     per_rank = batch_size // (world * grad_accum)
+    perf.check_precision(precision)
+    perf.compile_module(module, compile, compile_backend)  # in place: the compiled modules run inside DDP's forward
+    device = perf.module_device(module)
     runner = _PhaseForward(module)
     if dist.is_distributed():
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [next(module.parameters()).device.index] if next(module.parameters()).is_cuda else None
-        # several phases (generator, discriminator) each use a subset of the parameters
-        runner = DistributedDataParallel(runner, device_ids=device_ids, find_unused_parameters=len(phases) > 1)
+        # several phases (generator, discriminator) each use a subset of the parameters, and a stage
+        # of a multi-stage recipe may leave trainable parameters out of its losses
+        runner = DistributedDataParallel(runner, device_ids=device_ids, find_unused_parameters=True)
     optimisers = [
         torch.optim.AdamW(ph.params, lr=ph.lr, betas=ph.betas, weight_decay=ph.weight_decay) for ph in phases
     ]
@@ -152,8 +205,9 @@ def train_loop(
     ema = [p.detach().clone() for p in ema_params] if beta > 0 else []
     nimg, steps, skipped, prev_loss = 0, 0, 0, {}
     resumed_from = 0
-    if ckpt_path.exists():
-        ck = load_torch(ckpt_path)
+    ck, ck_file = load_latest_checkpoint(ckpt_path)
+    last_saved = None  # nimg of the checkpoint at ckpt_path (None: none, or unreadable)
+    if ck is not None:
         missing, unexpected = module.load_state_dict(ck["module"], strict=False)
         if unexpected:
             raise RuntimeError(f"checkpoint {ckpt_path} has keys this model lacks: {unexpected[:5]}")
@@ -171,10 +225,14 @@ def train_loop(
         else:
             _set_rng_state(rng)
         resumed_from = nimg
+        last_saved = nimg if ck_file == ckpt_path else None
     elif world > 1:
         torch.manual_seed(seed * world + rank)
+    if log_path is not None and rank == 0:
+        _truncate_log(log_path, nimg)
 
     def save() -> None:
+        nonlocal last_saved
         rng_states = dist.all_gather_object(_rng_state())
         if rank == 0:
             state = {
@@ -187,7 +245,8 @@ def train_loop(
                 "prev_loss": prev_loss,
                 "rng": rng_states if world > 1 else rng_states[0],
             }
-            save_torch(state, ckpt_path)
+            save_checkpoint(state, ckpt_path, nimg, last_saved, keep=keep_checkpoints)
+        last_saved = nimg
         dist.barrier()
 
     stream = IndexStream(num_items, batch_size, seed)
@@ -204,18 +263,22 @@ def train_loop(
             micro = []
             for m in range(grad_accum):
                 lo = (m * world + rank) * per_rank
+                _seed_micro(seed, nimg, 0, m * world + rank)
                 batch = get_batch(indices[lo : lo + per_rank])
                 micro.append((batch[0], batch[1], batch[2] if len(batch) > 2 else {}))
             logs: dict[str, float] = {}
-            for ph, opt in zip(phases, optimisers):
+            for pi, (ph, opt) in enumerate(zip(phases, optimisers)):
                 opt.zero_grad(set_to_none=True)
                 total = torch.zeros((), dtype=torch.float64)
                 phase_logs: dict[str, float] = {}
                 for m, (inputs, labels, extras) in enumerate(micro):
+                    _seed_micro(seed, nimg, 1 + pi, m * world + rank)
                     sync = m == grad_accum - 1 or not isinstance(runner, torch.nn.parallel.DistributedDataParallel)
                     ctx = contextlib.nullcontext() if sync else runner.no_sync()
                     with ctx:
-                        loss, phase_logs = runner(ph.name, inputs, labels, nimg, **extras)
+                        with perf.autocast(device, precision):
+                            loss, phase_logs = runner(ph.name, inputs, labels, nimg, **extras)
+                        loss = loss.float()
                         (loss / grad_accum).backward()
                     total += float(loss.detach()) / grad_accum
                 value = float(dist.all_reduce_mean(total))  # every rank takes the same skip decision

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vfmbench.config import DataConfig
+from vfmbench.data import CorruptImageError
 from vfmbench.errors import UserError, did_you_mean
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import DatasetSpec
@@ -125,7 +126,7 @@ class ImageFolderDataset(Dataset):
                 im.load()
                 rgb = im.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f"cannot decode image {str(path)!r} ({type(e).__name__}: {e}); remove or replace the file") from None
+            raise CorruptImageError(repr(str(path)), f"{type(e).__name__}: {e}") from None
         arr = center_crop_arr(rgb, self.resolution)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vfmbench import perf
 from vfmbench.errors import UserError
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import DecoderSpec
@@ -89,7 +90,14 @@ class ToRGB(nn.Module):
 
 
 class SdVaeDecoder(nn.Module):
-    """Latent feature map [B, C, g, g] -> image [B, 3, g * downsample, g * downsample] in about [-1, 1]."""
+    """Latent feature map [B, C, g, g] -> image [B, 3, g * downsample, g * downsample] in about [-1, 1].
+
+    ``set_grad_checkpointing(True)`` recomputes the middle block and each level in the backward
+    pass; ``set_channels_last(True)`` keeps weights and activations in NHWC.
+    """
+
+    grad_checkpointing = False
+    channels_last = False
 
     def __init__(self, in_channels: int, downsample: int, a: SdVaeDecoderArgs):
         super().__init__()
@@ -121,22 +129,36 @@ class SdVaeDecoder(nn.Module):
 
     def forward_multiscale(self, h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(final image, RGB outputs of the lower levels from the lowest up; empty without ``multiscale``)."""
+        h = perf.channels_last_input(h, self.channels_last)
         x = self.conv_in(h)
         for m in self.mid:
-            x = m(x)
+            x = self.run(m, x)
         rgbs: list[torch.Tensor] = []
         for j, level in enumerate(self.levels):
             if j > 0:
                 x = self.upsample[j - 1](F.interpolate(x, scale_factor=2.0, mode="nearest"))
             if str(j) in self.inject:
                 x = torch.cat([x, self.inject[str(j)](h)], dim=1)
-            x = level(x)
+            x = self.run(level, x)
             if self.multiscale:
                 rgb = self.torgb[j](x)
                 rgbs.append(rgb if not rgbs else F.interpolate(rgbs[-1], scale_factor=2.0, mode="bilinear", align_corners=False) + rgb)
         if not self.multiscale:
-            return self.conv_out(F.silu(self.norm_out(x))), []
+            out = self.conv_out(F.silu(self.norm_out(x)))
+            return (out.contiguous() if self.channels_last else out), []
+        if self.channels_last:
+            rgbs = [r.contiguous() for r in rgbs]
         return rgbs[-1], rgbs[:-1]
+
+    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return perf.checkpoint(module, x) if self.grad_checkpointing else module(x)
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.grad_checkpointing = bool(enabled)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        self.channels_last = bool(enabled)
+        perf.to_channels_last(self, enabled)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.forward_multiscale(h)[0]

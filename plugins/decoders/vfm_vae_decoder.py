@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vfmbench import perf
 from vfmbench.errors import UserError
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import DecoderSpec
@@ -324,7 +325,14 @@ class SynthesisBlock(nn.Module):
 
 
 class VfmVaeDecoder(nn.Module):
-    """Latent feature map [B, C, g, g] -> image [B, 3, g * downsample, g * downsample] in about [-1, 1]."""
+    """Latent feature map [B, C, g, g] -> image [B, 3, g * downsample, g * downsample] in about [-1, 1].
+
+    ``set_grad_checkpointing(True)`` recomputes each synthesis block (and latent injection) in the
+    backward pass; ``set_channels_last(True)`` keeps weights and activations in NHWC.
+    """
+
+    grad_checkpointing = False
+    channels_last = False
 
     def __init__(self, in_channels: int, downsample: int, a: VfmVaeDecoderArgs):
         super().__init__()
@@ -362,16 +370,27 @@ class VfmVaeDecoder(nn.Module):
 
     def forward_multiscale(self, h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(final image, RGB outputs of the earlier blocks from the lowest resolution up)."""
+        h = perf.channels_last_input(h, self.channels_last)
         w = self.style(h)
         x = skip = None
         rgbs = []
         for i, block in enumerate(self.blocks):
             if str(i) in self.inject:
-                z = self.inject[str(i)](h)
+                z = self.run(self.inject[str(i)], h)
                 x = z if x is None else torch.cat([x, z], dim=1)
-            x, skip, rgb = block(x, skip, w)
-            rgbs.append(rgb)
+            x, skip, rgb = self.run(block, x, skip, w)
+            rgbs.append(rgb.contiguous() if self.channels_last else rgb)
         return rgbs[-1], rgbs[:-1]
+
+    def run(self, module: nn.Module, *args):
+        return perf.checkpoint(module, *args) if self.grad_checkpointing else module(*args)
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.grad_checkpointing = bool(enabled)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        self.channels_last = bool(enabled)
+        perf.to_channels_last(self, enabled)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.forward_multiscale(h)[0]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vfmbench import perf
 from vfmbench.errors import UserError, did_you_mean
 from vfmbench.interfaces import DiffusionModel, Phase
 from vfmbench.sampling import shift_time
@@ -201,8 +202,10 @@ class FlowTransformer(DiffusionModel):
     """DiT skeleton with linear flow matching (velocity prediction) on normalised latents.
 
     Subclasses choose the block type and add their own loss terms; they call ``init_weights()``
-    once all their modules exist.
+    once all their modules exist, and run each block through ``run_block`` (gradient checkpointing).
     """
+
+    grad_checkpointing = False
 
     def __init__(self, args: FlowArgs, latent_shape: tuple[int, int, int], num_classes: int, *,
                  swiglu: bool, rmsnorm: bool, rope: bool, name: str):
@@ -263,6 +266,13 @@ class FlowTransformer(DiffusionModel):
 
     def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.rope_cos, self.rope_sin) if self.use_rope else None
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        """Recompute each transformer block's activations in the backward pass (``run.grad_checkpointing``)."""
+        self.grad_checkpointing = bool(enabled)
+
+    def run_block(self, blk: nn.Module, *args) -> torch.Tensor:
+        return perf.checkpoint(blk, *args) if self.grad_checkpointing else blk(*args)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, N, p*p*C] -> [B, C, H, W] (tokens row-major, each patch laid out (p, p, C))."""

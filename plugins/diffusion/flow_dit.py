@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vfmbench import perf
 from vfmbench.errors import UserError, did_you_mean
 from vfmbench.hookspecs import hookimpl
 from vfmbench.interfaces import DiffusionModel, Phase
@@ -184,6 +185,8 @@ class FinalLayer(nn.Module):
 class FlowDiT(DiffusionModel):
     """DiT velocity model on normalised latents [B, C, H, W]; label ``num_classes`` is unconditional."""
 
+    grad_checkpointing = False
+
     def __init__(self, args: FlowDiTArgs, latent_shape: tuple[int, int, int], num_classes: int):
         super().__init__()
         check_args(args, latent_shape)
@@ -245,8 +248,12 @@ class FlowDiT(DiffusionModel):
         tokens = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos
         cond = self.t_embed(t) + self.y_embed(labels)
         for blk in self.blocks:
-            tokens = blk(tokens, cond)
+            tokens = perf.checkpoint(blk, tokens, cond) if self.grad_checkpointing else blk(tokens, cond)
         return self.unpatchify(self.final(tokens, cond))
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        """Recompute each DiT block's activations in the backward pass (``run.grad_checkpointing``)."""
+        self.grad_checkpointing = bool(enabled)
 
     # -- training --
     def draw_training_noise(self, latents: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):

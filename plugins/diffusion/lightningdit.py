@@ -47,7 +47,7 @@ class LightningDiT(FlowTransformer):
         c = self.condition(t, labels, x.shape[0])
         rope = self.rope()
         for blk in self.blocks:
-            tokens = blk(tokens, c, rope)
+            tokens = self.run_block(blk, tokens, c, rope)
         return self.unpatchify(self.final(tokens, c))
 
     def loss_terms(self, latents: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -110,7 +110,7 @@ class SiT(FlowTransformer):
         c = self.condition(t, labels, x.shape[0])
         hidden = None
         for i, blk in enumerate(self.blocks, 1):
-            tokens = blk(tokens, c)
+            tokens = self.run_block(blk, tokens, c)
             if capture and i == self.args.align_depth:
                 hidden = tokens
         feats = self.final.features(tokens, c)

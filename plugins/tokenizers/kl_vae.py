@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from vfmbench import perf
 from vfmbench.hookspecs import hookimpl
 from vfmbench.interfaces import DiagonalGaussian, Phase, Tokenizer, to_float
 from vfmbench.specs import TokenizerSpec
@@ -34,11 +35,23 @@ class KlVae(Tokenizer):
         self.decoder = decoder
 
     def encode(self, images):
-        mean, logvar = self.encoder(to_float(images)).chunk(2, dim=1)
+        mean, logvar = self.encoder(to_float(images)).float().chunk(2, dim=1)  # fp32 latent and KL under autocast
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, z):
         return self.decoder(z)
+
+    # -- precision and speed switches (vfmbench.perf) --
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.encoder.set_grad_checkpointing(enabled)
+        perf.set_grad_checkpointing(self.decoder, enabled, f"decoder {type(self.decoder).__name__}")
+
+    def set_channels_last(self, enabled: bool) -> None:
+        self.encoder.set_channels_last(enabled)
+        perf.set_channels_last(self.decoder, enabled)
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.encoder, self.decoder]
 
     def training_phases(self, lr: float) -> list[Phase]:
         return [Phase("g", [p for p in self.parameters() if p.requires_grad], lr, betas=(0.9, 0.99))]

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vfmbench import perf
 from vfmbench.errors import MissingWeightsError, UserError, did_you_mean
 from vfmbench.hookspecs import hookimpl
 from vfmbench.interfaces import DiagonalGaussian, Phase, Tokenizer, to_float
@@ -73,6 +74,28 @@ def ldm_channels(base: int, mult: list[int], downsample: int) -> list[int]:
     return ch
 
 
+def set_diffusers_checkpointing(module: nn.Module, enabled: bool) -> None:
+    """Gradient checkpointing of a diffusers ``Encoder``/``Decoder`` (their up/down/mid blocks),
+    non-reentrant, as ``ModelMixin.enable_gradient_checkpointing`` sets it up for whole models."""
+    module.gradient_checkpointing = bool(enabled)
+    module._gradient_checkpointing_func = perf.checkpoint  # called as (block, *inputs)
+
+
+class LdmSwitches:
+    """``set_channels_last``/``set_grad_checkpointing`` for a module whose diffusers ``Encoder`` or
+    ``Decoder`` is ``self.<_coder>``; inputs become NHWC and outputs contiguous again."""
+
+    channels_last = False
+    _coder = ""
+
+    def set_channels_last(self, enabled: bool) -> None:
+        self.channels_last = bool(enabled)
+        perf.to_channels_last(self, enabled)
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        set_diffusers_checkpointing(getattr(self, self._coder), enabled)
+
+
 def attention_levels(attn_levels: list[int], n: int) -> set[int]:
     """Level indices (0 = full resolution; negative counts from the lowest) as a set in [0, n)."""
     out = set()
@@ -84,9 +107,11 @@ def attention_levels(attn_levels: list[int], n: int) -> set[int]:
     return out
 
 
-class LdmEncoder(nn.Module):
+class LdmEncoder(LdmSwitches, nn.Module):
     """Image in [-1, 1] -> 2 * latent_channels moments (mean | logvar): LDM's ``Encoder`` (double_z)
     followed by ``quant_conv``. State-dict keys are those of diffusers' ``AutoencoderKL``."""
+
+    _coder = "encoder"
 
     def __init__(self, latent_channels: int, downsample: int, base: int, mult: list[int], blocks: int, attn_levels: list[int]):
         super().__init__()
@@ -100,12 +125,15 @@ class LdmEncoder(nn.Module):
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x))
+        out = self.quant_conv(self.encoder(perf.channels_last_input(x, self.channels_last)))
+        return out.contiguous() if self.channels_last else out
 
 
-class LdmDecoder(nn.Module):
+class LdmDecoder(LdmSwitches, nn.Module):
     """Latent [B, C, h, w] -> image [B, 3, h*f, w*f] in about [-1, 1]: ``post_quant_conv`` then LDM's
     ``Decoder``. State-dict keys are those of diffusers' ``AutoencoderKL``."""
+
+    _coder = "decoder"
 
     def __init__(self, latent_channels: int, downsample: int, base: int, mult: list[int], blocks: int, attn_levels: list[int]):
         super().__init__()
@@ -120,7 +148,8 @@ class LdmDecoder(nn.Module):
                                layers_per_block=blocks, norm_num_groups=32, act_fn="silu", mid_block_add_attention=True)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        out = self.decoder(self.post_quant_conv(perf.channels_last_input(z, self.channels_last)))
+        return out.contiguous() if self.channels_last else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +356,8 @@ def load_sd_vae(args: SdVaeArgs, path: Path, cache_dir: Path | None = None):
 class SdVae(Tokenizer):
     """diffusers' AutoencoderKL behind the Tokenizer interface; see the module docstring."""
 
+    channels_last = False
+
     def __init__(self, args: SdVaeArgs, vae: nn.Module, recon_loss: ReconLoss):
         cfg = vae.config
         super().__init__(cfg.latent_channels, 2 ** (len(cfg.block_out_channels) - 1))
@@ -352,11 +383,23 @@ class SdVae(Tokenizer):
             super().set_latent_stats(mean, std)
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
-        dist = self.vae.encode(to_float(images)).latent_dist
-        return DiagonalGaussian(dist.mean, dist.logvar)
+        dist = self.vae.encode(perf.channels_last_input(to_float(images), self.channels_last)).latent_dist
+        return DiagonalGaussian(dist.mean.float().contiguous(), dist.logvar.float().contiguous())  # fp32 latent and KL under autocast
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z).sample
+        return self.vae.decode(perf.channels_last_input(z, self.channels_last)).sample.contiguous()
+
+    # -- precision and speed switches (vfmbench.perf) --
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        set_diffusers_checkpointing(self.vae.encoder, enabled)
+        set_diffusers_checkpointing(self.vae.decoder, enabled)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        self.channels_last = bool(enabled)
+        perf.to_channels_last(self.vae, enabled)
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.vae.encoder, self.vae.decoder]
 
     def training_phases(self, lr: float) -> list[Phase]:
         module = self.vae if self.args.train_modules == "all" else nn.ModuleList([self.vae.decoder, self.vae.post_quant_conv])

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vfmbench import perf
 from vfmbench.errors import UserError
 from vfmbench.hookspecs import hookimpl
 from vfmbench.interfaces import DiagonalGaussian, Phase, Tokenizer, TrainStage, to_float
@@ -382,7 +383,7 @@ class VfmVae(Tokenizer):
                 fmap = F.interpolate(fmap, size=(lh * r, lw * r), mode="bilinear", align_corners=False, antialias=gh > lh * r)
             maps.append(F.pixel_unshuffle(fmap, r))
         moments = to_map(self.fuse(to_tokens(torch.cat(maps, dim=1))), (lh, lw))
-        mean, logvar = moments.chunk(2, dim=1)
+        mean, logvar = moments.float().chunk(2, dim=1)  # the latent, its sample and the KL in fp32 under autocast
         return DiagonalGaussian(mean, logvar)
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
@@ -407,6 +408,19 @@ class VfmVae(Tokenizer):
         h = self.decompress(z)
         fn = getattr(self.decoder, "forward_multiscale", None)
         return fn(h) if fn is not None else (self.decoder(h), [])
+
+    # -- precision and speed switches (vfmbench.perf) -------------------------------------------
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        """Checkpoint the decoder's heavy blocks (the latent head and discriminators are light)."""
+        perf.set_grad_checkpointing(self.decoder, enabled, f"decoder {type(self.decoder).__name__}")
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """NHWC for the conv-heavy parts: the decoder (where it supports it) and the PatchGAN."""
+        perf.set_channels_last(self.decoder, enabled)
+        perf.to_channels_last(self.disc["patchgan"], enabled)
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.decoder, self.disc["patchgan"]]
 
     # -- stages ---------------------------------------------------------------------------------
     def group_prefixes(self) -> dict[str, list[str]]:
