@@ -69,3 +69,20 @@ def test_smoke_recipe_lowers_held_out_l1_and_resumes(host, tmp_path, decoder, re
     assert [s.get("skipped", False) for s in info["stages"]] == [True, True, True, False]
     assert info["stages"][3]["resumed_from"] == 16
     assert abs(held_out_l1(again.tokenizer(), val) - trained) < 1e-4
+
+
+def test_safe_loss_guard_state_travels_in_checkpoints(host, tmp_path):
+    """A resumed stage must skip the same steps as an uninterrupted one: the guards' counters and
+    last accepted losses are part of the state dict that training checkpoints hold."""
+    cfg = config(host, tmp_path, "vfm-vae-decoder", 32)
+    a = build_tokenizer(BuildContext(host=host, config=cfg))
+    a._g_guard.check({"l1": 0.5, "kl": 0.1}, 16)
+    a._g_guard.check({"l1": float("nan"), "kl": 0.1}, 16)
+    a._d_guard.check({"d": 1.5}, 16)
+    b = build_tokenizer(BuildContext(host=host, config=cfg))
+    assert (b._g_guard.seen, b._g_guard.skipped) == (0, 0)
+    b.load_state_dict(a.state_dict())
+    assert (b._g_guard.seen, b._g_guard.skipped, b._g_guard.previous) == (32, 1, {"l1": 0.5, "kl": 0.1})
+    assert (b._d_guard.seen, b._d_guard.previous) == (16, {"d": 1.5})
+    b._g_guard.previous["l1"] = 9.0  # a copy, not shared with the source
+    assert a._g_guard.previous["l1"] == 0.5

@@ -275,7 +275,7 @@ class Run:
     @staticmethod
     def _load_tokenizer_state(tok: Tokenizer, state: dict) -> None:
         missing, unexpected = tok.load_state_dict(state, strict=False)
-        bad_missing = [k for k in missing if not k.startswith(tok.frozen_prefixes)]
+        bad_missing = [k for k in missing if not k.startswith(tok.frozen_prefixes) and not k.endswith("_extra_state")]
         if unexpected or bad_missing:
             raise UserError(
                 f"tokenizer weights do not match {tok.spec.name!r}: missing {bad_missing[:5]}, unexpected {unexpected[:5]}; "

@@ -496,6 +496,16 @@ class VfmVae(Tokenizer):
         self._d_guard = SafeLossGuard(0.0, 0, self.args.safe_loss_d_limit)
         self._fake = None
 
+    # The safe-loss guards' state travels in training checkpoints, so a resumed stage skips the same steps.
+    def get_extra_state(self) -> dict:
+        return {"g_guard": vars(self._g_guard).copy(), "d_guard": vars(self._d_guard).copy()}
+
+    def set_extra_state(self, state: dict) -> None:
+        for name in ("g_guard", "d_guard"):
+            if name in state:
+                guard = getattr(self, "_" + name)
+                guard.__dict__.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in state[name].items()})
+
     def _disc_params(self) -> list[nn.Parameter]:
         st = self.stage
         params = []
