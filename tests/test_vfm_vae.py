@@ -370,3 +370,26 @@ def test_own_checkpoints_still_load(host):
             p.add_(0.5)
     tok.load_state_dict(other.weights_state(), strict=False)
     assert torch.equal(tok.fuse.mlp.w2.weight, other.fuse.mlp.w2.weight)
+
+
+def test_discriminator_phase_reuses_each_micro_batch_reconstruction(host):
+    """With gradient accumulation the generator phase runs on every micro-batch before the
+    discriminator phase: each micro-batch's reconstruction is reused, none is decoded again."""
+    tok = tiny_tokenizer(host)
+    stages = tok.training_stages(600, 1e-3)
+    tok.begin_stage(stages[-1])  # patchgan-finetune: a discriminator phase
+    images = shapes(host, 8)
+    micro = [images[:4].clone(), images[4:].clone()]
+    for x in micro:
+        tok.phase_loss("g", x, torch.zeros(4, dtype=torch.long), 0)
+    calls = []
+    decode = tok.decode
+    tok.decode = lambda z: calls.append(1) or decode(z)
+    for x in micro:
+        loss, _ = tok.phase_loss("d", x, torch.zeros(4, dtype=torch.long), 0)
+        assert torch.isfinite(loss)
+    assert calls == []
+    tok.phase_loss("d", micro[0], torch.zeros(4, dtype=torch.long), 0)  # used up: decoded afresh
+    assert calls == [1]
+    tok.phase_loss("g", micro[0], torch.zeros(4, dtype=torch.long), 8)  # a new step forgets the old one
+    assert len(tok._fakes) == 1 and next(iter(tok._fakes))[0] == 8

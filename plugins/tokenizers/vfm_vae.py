@@ -363,7 +363,7 @@ class VfmVae(Tokenizer):
         self._train_names: list[str] = []
         self._g_guard = SafeLossGuard(args.safe_loss_factor, args.safe_loss_warmup_images)
         self._d_guard = SafeLossGuard(0.0, 0, args.safe_loss_d_limit)
-        self._fake: tuple | None = None
+        self._fakes: dict[tuple, tuple] = {}  # this step's reconstructions per micro-batch, for the discriminator phase
 
     # -- encoder side ---------------------------------------------------------------------------
     def _vfm_tokens(self, images: torch.Tensor, image_scale: float = 1.0):
@@ -494,7 +494,7 @@ class VfmVae(Tokenizer):
         self._train_names = names
         self._g_guard = SafeLossGuard(self.args.safe_loss_factor, self.args.safe_loss_warmup_images)
         self._d_guard = SafeLossGuard(0.0, 0, self.args.safe_loss_d_limit)
-        self._fake = None
+        self._fakes = {}
 
     # The safe-loss guards' state travels in training checkpoints, so a resumed stage skips the same steps.
     def get_extra_state(self) -> dict:
@@ -598,7 +598,9 @@ class VfmVae(Tokenizer):
         logs.update(values)
         logs.update(eq_latent_scale=eq.latent_scale, eq_rotation=float(eq.rotation), eq_image_scale=eq.image_scale)
         if st.gan > 0 or st.patchgan > 0 or st.feature_matching > 0:  # the discriminator phase reuses it
-            self._fake = (images, nimg, recon.detach(), target.detach())
+            if any(key[0] != nimg for key in self._fakes):
+                self._fakes = {}  # a new step
+            self._fakes[(nimg, images.data_ptr(), tuple(images.shape))] = (recon.detach(), target.detach())
         if self._g_guard.check(values, images.shape[0]):
             logs["unsafe_skips"] = float(self._g_guard.skipped)
             return total * float("nan"), logs  # the loop skips (and counts) a non-finite step
@@ -607,14 +609,13 @@ class VfmVae(Tokenizer):
 
     def _discriminator_loss(self, images: torch.Tensor, nimg: int) -> tuple[torch.Tensor, dict[str, float]]:
         st = self.stage
-        cached = self._fake[0] if self._fake is not None else None
-        if cached is not None and self._fake[1] == nimg and cached.shape == images.shape and cached.data_ptr() == images.data_ptr():
-            _, _, fake, real = self._fake  # the reconstruction of this step's generator phase
+        cached = self._fakes.pop((nimg, images.data_ptr(), tuple(images.shape)), None)
+        if cached is not None:
+            fake, real = cached  # the reconstruction of this micro-batch in this step's generator phase
         else:
             with torch.no_grad():
                 fake = self.decode(self.encode(images).sample())
             real = to_float(images)
-        self._fake = None
         loss = fake.new_zeros(())
         logs: dict[str, float] = {}
         if st.gan > 0:
