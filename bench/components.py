@@ -311,12 +311,10 @@ def prep_fid(s: Setup, n: int) -> Prepared:
     last: dict[str, Any] = {}
 
     def step():
-        value = spec.value(spec.stats(feats), ref)
-        last["regularised"] = isinstance(value, dict) and bool(value.get("sqrtm_regularised"))
-        last["note"] = value.get("sqrtm_note", "") if isinstance(value, dict) else ""
+        last["value"] = spec.value(spec.stats(feats), ref)
 
-    info = {"feature_dim": dim, "images": n, "flops_note": "numpy float64 (covariance ~2*N*D^2 plus a D x D matrix square root); not counted",
-            "sqrtm": last}
+    info = {"feature_dim": dim, "images": n, "flops_note": "numpy float64 (covariance ~2*N*D^2, then symmetric eigenproblems of D x D, or N x N when N <= D); not counted",
+            "last": last}
     return Prepared(step, n, "float64", count_flops=False, info=info)
 
 

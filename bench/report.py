@@ -77,8 +77,7 @@ def components_section(data: dict[str, Any], title: str) -> list[str]:
         if r["component"].startswith("sampling-") and "steps" in r:
             note = f"{r['sampler']}, {r['steps']} steps, CFG {r['cfg_scale']}"
         elif r["component"] in ("fid", "fid-128"):
-            sq = r.get("sqrtm") or {}
-            note = f"N={r['images']}, D={r['feature_dim']}" + (", sqrtm regularised" if sq.get("regularised") else "")
+            note = f"N={r['images']}, D={r['feature_dim']}" + (" (N x N eigenproblem)" if r["images"] <= r["feature_dim"] else "")
         elif "diffusion" in r:
             note = r["diffusion"]
         elif "tokenizer" in r:

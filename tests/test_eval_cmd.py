@@ -54,3 +54,30 @@ def test_adm_reference_equals_folder_reference(tmp_path, session_cache):
 def test_eval_generation_bad_input(tmp_path, capsys):
     assert main(["eval", "generation", str(tmp_path / "nope"), "--reference", str(tmp_path), "--smoke"]) == 2
     assert "neither a folder of images nor an .npz" in capsys.readouterr().err
+
+
+def test_a_prefix_reference_reads_the_whole_split_cache(host, tmp_path, session_cache):
+    """rFID's reference (the first n val images) and gFID's (the whole split) share one cached
+    Inception pass: the prefix is the first rows of the whole split's features."""
+    from vfmbench.config import resolve
+    from vfmbench.evaluate import Evaluator
+
+    cfg = resolve([dict(host.presets.get("smoke").values), {"metrics": {"names": ["gfid"], "batch_size": 4}, "run": {"cache_dir": str(session_cache)}}])
+    ev = Evaluator(host, cfg, torch.device("cpu"), tmp_path / "cache")
+    images = _images(3, n=10)
+    passes = []
+
+    def batches():
+        passes.append(1)
+        return (images[i : i + 4] for i in range(0, 10, 4))
+
+    key = {"dataset": "t", "split": "val", "resolution": 32, "num_images": 10}
+    small = ev.dataset_reference(key, batches, take=6)
+    full = ev.dataset_reference(key, batches)
+    assert small.id == "t:val:6" and full.id == "t:val:10"
+    a, b = small.get_features(), full.get_features()
+    assert len(passes) == 1 and ev.reference_cache_hits == 1
+    assert a["pool"].shape[0] == 6 and b["pool"].shape[0] == 10
+    np.testing.assert_array_equal(a["pool"], b["pool"][:6])
+    direct = ev.inception()(images[:6])["pool"]
+    np.testing.assert_allclose(a["pool"], direct, rtol=1e-5, atol=1e-6)

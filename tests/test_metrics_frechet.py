@@ -11,12 +11,10 @@ from vfmbench.metrics.frechet import FrechetResult, StatsAccumulator, frechet_di
 
 
 def _independent_fd(mu1, s1, mu2, s2):
-    """FD through symmetric eigendecompositions: tr sqrt(S1 S2) = tr sqrt(A S2 A), A = S1^(1/2)."""
-    w, v = np.linalg.eigh(s1)
-    a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    inner = np.linalg.eigvalsh(a @ s2 @ a)
+    """FD as the ADM evaluator and pytorch-fid compute it: a general matrix square root (scipy)."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
     d = mu1 - mu2
-    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
 
 
 def _random_stats(rng, d, n=400, shift=0.0):
@@ -76,7 +74,7 @@ def test_fid_matches_independent_implementations():
     _, mu1, s1 = _random_stats(rng, 32)
     _, mu2, s2 = _random_stats(rng, 32, shift=0.3)
     res = frechet_distance(mu1, s1, mu2, s2)
-    assert isinstance(res, FrechetResult) and isinstance(res.value, float) and not res.regularised
+    assert isinstance(res, FrechetResult) and isinstance(res.value, float)
     ref = _independent_fd(mu1, s1, mu2, s2)
     assert abs(res.value - ref) <= 1e-6 * abs(ref)
     # torch-fidelity's own statistics-to-FID (eigenvalues of S1 S2)
@@ -104,45 +102,47 @@ def test_fid_closed_form_commuting_covariances():
     assert abs(rotated - expected) <= 1e-8 * expected
 
 
-def test_regularisation_when_sqrtm_is_complex(monkeypatch):
-    rng = np.random.default_rng(5)
-    _, mu1, s1 = _random_stats(rng, 6)
-    _, mu2, s2 = _random_stats(rng, 6)
-    real_sqrtm = scipy.linalg.sqrtm
-    calls = []
+def test_low_rank_route_is_exact_for_fewer_vectors_than_dimensions():
+    """N <= D: the covariance is singular; the N x N eigenproblem gives the same trace as the
+    D x D one and as torch-fidelity's eigenvalues of S1 S2."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
 
-    def flaky(m):  # first call: a large imaginary diagonal, as broken BLAS builds produce
-        calls.append(m.copy())
-        out = real_sqrtm(m)
-        return out + 0.5j * np.eye(len(m)) if len(calls) == 1 else out
+    rng = np.random.default_rng(7)
+    d = 64
+    x = rng.normal(size=(40, d)) @ rng.normal(size=(d, d)) / 8
+    y = rng.normal(size=(300, d)) @ rng.normal(size=(d, d)) / 8 + 0.2
+    (mx, sx), (my, sy) = gaussian_stats(x), gaussian_stats(y)
+    fx = frechet.low_rank_factor(x)
+    assert fx.shape == (40, d) and frechet.low_rank_factor(y) is None
+    np.testing.assert_allclose(fx.T @ fx, sx, rtol=1e-10, atol=1e-12)
+    full = frechet_distance(mx, sx, my, sy)
+    low = frechet_distance(mx, sx, my, sy, factor1=fx)
+    swapped = frechet_distance(my, sy, mx, sx, factor2=fx)
+    assert "low-rank (40 x 40" in low.note and full.note == ""
+    # the D x D route takes square roots of rounding-level eigenvalues of the singular covariance
+    # (errors ~ sqrt(machine eps) relative); the N x N route has none
+    assert abs(low.value - full.value) <= 1e-7 * full.value and abs(swapped.value - low.value) <= 1e-12 * full.value
+    tf = fid_statistics_to_metric({"mu": mx, "sigma": sx}, {"mu": my, "sigma": sy}, verbose=False)["frechet_inception_distance"]
+    assert abs(low.value - tf) <= 1e-6 * full.value
+    # both sides low rank: the smaller factor is used
+    fy = frechet.low_rank_factor(y[:50])
+    my2, sy2 = gaussian_stats(y[:50])
+    both = frechet_distance(mx, sx, my2, sy2, factor1=fx, factor2=fy)
+    assert "40 x 40" in both.note
+    assert abs(both.value - frechet_distance(mx, sx, my2, sy2).value) <= 1e-7 * both.value
+    with pytest.raises(ValueError, match="factor1"):
+        frechet_distance(mx, sx, my, sy, factor1=fx[:, :5])
 
-    monkeypatch.setattr(frechet.scipy.linalg, "sqrtm", flaky)
-    res = frechet_distance(mu1, s1, mu2, s2)
-    assert res.regularised and res.eps == 1e-6 and "imaginary" in res.note and len(calls) == 2
-    eye = np.eye(6) * 1e-6
-    assert abs(res.value - _independent_fd(mu1, s1 + eye, mu2, s2 + eye)) <= 1e-8 * abs(res.value)
-    assert isinstance(res.value, float)
 
-
-def test_eps_grows_and_last_resort_is_real(monkeypatch):
-    rng = np.random.default_rng(6)
-    _, mu1, s1 = _random_stats(rng, 5)
-    _, mu2, s2 = _random_stats(rng, 5)
-    real_sqrtm = scipy.linalg.sqrtm
-    seen = []
-
-    def nan_until_third(m):
-        seen.append(m)
-        return np.full_like(m, np.nan) if len(seen) < 3 else real_sqrtm(m)
-
-    monkeypatch.setattr(frechet.scipy.linalg, "sqrtm", nan_until_third)
-    res = frechet_distance(mu1, s1, mu2, s2)
-    assert res.regularised and res.eps == pytest.approx(1e-5) and "not finite" in res.note
-
-    monkeypatch.setattr(frechet.scipy.linalg, "sqrtm", lambda m: np.full_like(m, np.nan))
-    res = frechet_distance(mu1, s1, mu2, s2)
-    assert res.regularised and np.isfinite(res.value) and "eigvals" in res.note
-    assert abs(res.value - _independent_fd(mu1, s1, mu2, s2)) <= 1e-8 * abs(res.value)
+def test_trace_term_is_real_where_sqrtm_is_ill_conditioned():
+    """Rank-deficient covariances (scipy's sqrtm warns and may return complex parts): the
+    eigenvalue route stays real and matches a closed form (commuting diagonal covariances)."""
+    a = np.r_[np.linspace(0.5, 2.0, 5), np.zeros(5)]
+    b = np.r_[np.zeros(3), np.linspace(1.0, 3.0, 7)]
+    mu = np.zeros(10)
+    res = frechet_distance(mu, np.diag(a), mu + 1, np.diag(b))
+    expected = 10.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert isinstance(res.value, float) and abs(res.value - expected) <= 1e-12 * expected
 
 
 def test_invalid_statistics_raise():

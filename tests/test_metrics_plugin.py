@@ -50,18 +50,15 @@ def test_distribution_stages(metrics):
         fid.value(fid.stats(cand), None)
 
 
-def test_frechet_value_reports_regularisation(metrics, monkeypatch):
-    import scipy.linalg
+def test_frechet_stats_carry_a_low_rank_factor_only_when_it_helps(metrics):
+    from vfmbench.metrics.frechet import frechet_distance
 
     rng = np.random.default_rng(2)
-    a, b = metrics["gfid"].stats(rng.normal(size=(30, 4))), metrics["gfid"].stats(rng.normal(size=(30, 4)) + 1)
-    plain = metrics["gfid"].value(a, b)
-    real = scipy.linalg.sqrtm
-    calls = []
-    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m: (calls.append(1), real(m) + (1j if len(calls) == 1 else 0))[1])
-    out = metrics["gfid"].value(a, b)
-    assert isinstance(plain, float) and out["sqrtm_regularised"] and out["sqrtm_eps"] == 1e-6
-    assert out["value"] == pytest.approx(plain, rel=1e-4)
+    few, many = metrics["gfid"].stats(rng.normal(size=(6, 8))), metrics["gfid"].stats(rng.normal(size=(30, 8)) + 1)
+    assert few["factor"].shape == (6, 8) and "factor" not in many
+    value = metrics["gfid"].value(few, many)
+    assert isinstance(value, float)
+    assert value == pytest.approx(frechet_distance(few["mu"], few["sigma"], many["mu"], many["sigma"]).value, rel=1e-7)
 
 
 def test_single_pair_and_probe_stages(metrics):

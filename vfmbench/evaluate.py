@@ -127,11 +127,16 @@ class Evaluator:
         for ext, feat in sorted({(s.extractor, s.feature) for s in self.family_specs("reconstruction") if s.inputs == "pairs"}):
             self._pairs[f"{ext}/{feat}"].append(self._pair_scores(ext, feat, images, recon))
 
-    def dataset_reference(self, key: dict[str, Any], batches: Callable[[], Iterable[torch.Tensor]]) -> "Reference":
+    def dataset_reference(self, key: dict[str, Any], batches: Callable[[], Iterable[torch.Tensor]], take: int | None = None) -> "Reference":
         """A dataset split as the reference; its Inception features are cached on disk and reused.
-        With ``sharded``, ``batches()`` yields this rank's block of the split only."""
-        rid = f"{key['dataset']}:{key['split']}:{key['num_images']}"
-        return Reference(rid, lambda: self._cached_features(key, batches))
+        With ``sharded``, ``batches()`` yields this rank's block of the split only. ``take``: the
+        reference is the first ``take`` of the ``key['num_images']`` images (one cached feature set
+        then serves references of several sizes, e.g. rFID on a prefix and gFID on the whole split)."""
+        n = key["num_images"] if take is None else min(int(take), key["num_images"])
+        rid = f"{key['dataset']}:{key['split']}:{n}"
+        if n == key["num_images"]:
+            return Reference(rid, lambda: self._cached_features(key, batches))
+        return Reference(rid, lambda: {k: v[:n] for k, v in self._cached_features(key, batches).items()})
 
     def images_reference(self, rid: str, images: torch.Tensor, key: dict[str, Any]) -> "Reference":
         """In-memory images (a folder, an npz) as the reference, cached under ``key``."""

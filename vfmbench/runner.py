@@ -453,7 +453,9 @@ class Run:
                 ev.add_pairs(images, recon)
                 if start == 0:
                     first = (images[:8].cpu(), recon[:8].cpu())
-        reference = ev.dataset_reference(self.val_reference_key(n), self._val_reference_shard(n))
+        # the first n images of the val split's cached features (the gFID reference reads the same cache)
+        n_val = len(self.dataset("val"))
+        reference = ev.dataset_reference(self.val_reference_key(n_val), self._val_reference_shard(n_val), take=n)
         rows = ev.finish("reconstruction", reference)
         first = next((f for f in dist.gather_object(first) or [] if f is not None), None)
         if not dist.is_main():

@@ -11,9 +11,8 @@ Features each metric consumes (``extractor``/``feature``):
   ``val_labels`` and optionally ``recipe`` (a ``ProbeRecipe``) and ``num_classes``.
 
 ``stats(features)`` returns a dict of numpy arrays (cacheable with ``StatsCache``);
-``value(stats, reference_stats_or_None)`` returns a float -- or, for a Fréchet distance whose
-square root needed regularisation, a dict with ``value`` and the ``sqrtm_*`` details, which the
-evaluator records with the row's protocol. Distribution metrics compare the
+``value(stats, reference_stats_or_None)`` returns a float (or a dict with ``value`` and extra
+protocol details, which the evaluator records with the row's protocol). Distribution metrics compare the
 candidate's statistics with the reference's, which are the same ``stats`` of the reference set.
 """
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from vfmbench.hookspecs import hookimpl
-from vfmbench.metrics.frechet import StatsAccumulator, frechet_distance, gaussian_stats
+from vfmbench.metrics.frechet import StatsAccumulator, frechet_distance, gaussian_stats, low_rank_factor
 from vfmbench.metrics.inception_score import inception_score
 from vfmbench.metrics.kid import kernel_inception_distance
 from vfmbench.metrics.precision_recall import NEIGHBOURHOOD, manifold_coverage, manifold_radii
@@ -50,19 +49,23 @@ def _require(reference: Mapping[str, Any] | None, keys: tuple[str, ...], metric:
 
 
 def gaussian_stage(features: Any) -> dict[str, np.ndarray]:
-    """[N, D] features (or a ``StatsAccumulator`` already fed) -> {'mu', 'sigma'} in float64."""
-    mu, sigma = features.finalize() if isinstance(features, StatsAccumulator) else gaussian_stats(features)
-    return {"mu": mu, "sigma": sigma}
+    """[N, D] features (or a ``StatsAccumulator`` already fed) -> {'mu', 'sigma'} in float64, plus
+    'factor' (``low_rank_factor``) when N <= D, which makes the distance an N x N eigenproblem."""
+    if isinstance(features, StatsAccumulator):
+        mu, sigma = features.finalize()
+        return {"mu": mu, "sigma": sigma}
+    mu, sigma = gaussian_stats(features)
+    out = {"mu": mu, "sigma": sigma}
+    factor = low_rank_factor(features)
+    if factor is not None:
+        out["factor"] = factor
+    return out
 
 
-def frechet_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> float | dict[str, Any]:
-    """The distance; when sqrtm needed regularisation, a dict with the value and how it was
-    regularised (the evaluator records the extra keys with the row's protocol)."""
+def frechet_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> float:
+    """The distance between the candidate's and the reference's Gaussians."""
     ref = _require(reference, ("mu", "sigma"), "a Fréchet distance")
-    res = frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"])
-    if res.regularised:
-        return {"value": res.value, "sqrtm_regularised": True, "sqrtm_eps": res.eps, "sqrtm_note": res.note}
-    return res.value
+    return frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"], stats.get("factor"), ref.get("factor")).value
 
 
 # -- Inception Score -------------------------------------------------------------------------------

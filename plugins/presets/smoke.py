@@ -26,7 +26,7 @@ SMOKE = {
         "vfm-vae": {
             "latent_channels": 8, "compress_width": 16, "decompress_width": 64, "disc_hooks": [2, 4], "disc_resolution": 64,
             "patchgan_ndf": 8, "patchgan_scales": 2, "eq_latent_scales": [0.5, 1.0], "eq_image_scales": [0.5],
-            "safe_loss_warmup_images": 256, "lpips_images": 4,
+            "safe_loss_warmup_images": 256, "lpips_images": 2,
             "stages": [  # the paper's four stages, a few steps each (LPIPS weight 1: the smoke VGG is random)
                 {"name": "strong-alignment", "images": 512, "lpips": 1.0, "vf": 5.0, "multiscale_images": 256},
                 {"name": "weak-alignment", "images": 256, "lpips": 1.0, "vf": 1.0},
