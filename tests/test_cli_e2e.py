@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smoke preset, shortened further for the test suite's time budget.
@@ -185,9 +186,9 @@ def test_random_vfm_needs_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_second_run_reads_cached_vfm_features(smoke_run, tmp_path):
-    """Another combination on the same VFM and data (here: another diffusion seed) reuses the
-    VFM tokens cached by the first run instead of running the VFM again."""
+def test_second_run_reads_cached_vfm_features_and_latents(smoke_run, tmp_path):
+    """Another combination with the same tokenizer (here: another diffusion length) reuses the VFM
+    tokens and the latents cached by the first run instead of running the VFM and encoder again."""
     run_dir, _ = smoke_run
     first = json.loads((run_dir / "latents" / "done.json").read_text())["vfm_feature_cache"]
     assert first["misses"] >= 1
@@ -195,9 +196,15 @@ def test_second_run_reads_cached_vfm_features(smoke_run, tmp_path):
                  "--stages", "tokenizer,recon-eval,latents")
     second_dir = Path(p.stdout.strip().splitlines()[-1])
     assert second_dir != run_dir
-    for stage in ("recon-eval", "latents"):
-        stats = json.loads((second_dir / stage / "done.json").read_text())["vfm_feature_cache"]
-        assert stats["misses"] == 0 and stats["hits"] >= 1 and stats["vfm_images"] == 0, (stage, stats)
+    stats = json.loads((second_dir / "recon-eval" / "done.json").read_text())["vfm_feature_cache"]
+    assert stats["misses"] == 0 and stats["hits"] >= 1 and stats["vfm_images"] == 0, stats
+    # the same tokenizer weights on the same images: the latents come from the latent cache
+    assert json.loads((run_dir / "latents" / "done.json").read_text())["latent_cache"] == "miss"
+    latents = json.loads((second_dir / "latents" / "done.json").read_text())
+    assert latents["latent_cache"] == "hit" and latents["vfm_feature_cache"]["vfm_images"] == 0
+    for name in ("train.pt", "val.pt", "stats.pt"):
+        a, b = torch.load(run_dir / "latents" / name), torch.load(second_dir / "latents" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor)), name
 
 
 @pytest.mark.slow

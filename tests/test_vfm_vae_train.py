@@ -86,3 +86,19 @@ def test_safe_loss_guard_state_travels_in_checkpoints(host, tmp_path):
     assert (b._d_guard.seen, b._d_guard.previous) == (16, {"d": 1.5})
     b._g_guard.previous["l1"] = 9.0  # a copy, not shared with the source
     assert a._g_guard.previous["l1"] == 0.5
+
+
+def test_latent_cache_key_follows_weights_images_and_seed(host, tmp_path):
+    import dataclasses
+
+    cfg = config(host, tmp_path, "vfm-vae-decoder", 32)
+    run = Run.prepare(host, cfg)
+    key = run._latent_cache_key()
+    assert run._latent_cache_key() == key and len(key) == 16
+    name, param = next((n, p) for n, p in run.tokenizer().named_parameters() if not n.startswith(run.tokenizer().frozen_prefixes))
+    with torch.no_grad():
+        param.view(-1)[0] += 1e-6  # one weight, barely: other latents
+    assert run._latent_cache_key() != key, name
+    for section, change in (("run", {"seed": 1}), ("data", {"train_images": 64})):
+        other = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **change)})
+        assert Run.prepare(host, other)._latent_cache_key() != key, section

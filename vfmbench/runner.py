@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import os
 import platform
 import subprocess
@@ -33,7 +32,7 @@ from .images import plot_curves, save_grid, save_pairs
 from .interfaces import Tokenizer
 from .plugins import Host
 from .results import SCHEMA_VERSION, write_rows
-from .train import IndexStream, train_loop
+from .train import train_loop
 
 # Stages that run on every rank under torchrun (the others run on rank 0): training is data-parallel,
 # encoding, sampling and feature extraction are sharded by blocks of batches and gathered on rank 0.
@@ -131,6 +130,24 @@ def validate(host: Host, cfg: RunConfig) -> None:
             f"data.resolution={cfg.data.resolution} is not a multiple of the tokenizer's downsampling "
             f"factor {tok_downsample(host, cfg)}"
         )
+
+
+LATENT_FILES = ("train.pt", "val.pt", "stats.pt")
+
+
+def _link_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
+    """Hard-link (else copy) ``names`` from ``src`` into ``dst``, each atomically (temporary name, rename)."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        tmp = dst / f".{name}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src / name, tmp)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copyfile(src / name, tmp)
+        os.replace(tmp, dst / name)
 
 
 def tok_downsample(host: Host, cfg: RunConfig) -> int:
@@ -574,24 +591,59 @@ class Run:
 
         d = self.stage_dir("latents")
         d.mkdir(parents=True, exist_ok=True)
-        train = self._encode_split("train", flip=True)
-        val = self._encode_split("val", flip=False)
+        cache = default_cache_dir(self.cfg) / "latents" / self._latent_cache_key()
+        hit = dist.broadcast_object((cache / "done.json").exists() if dist.is_main() else None)
         stats = None
-        if dist.is_main():
-            (z, zf, y), (zv, _, yv) = train, val
-            save_torch({"latents": z, "flipped": zf, "labels": y}, d / "train.pt")
-            save_torch({"latents": zv, "labels": yv}, d / "val.pt")
-            both = torch.cat([z, zf]).double()
-            mean = both.mean(dim=(0, 2, 3)).float()
-            std = both.std(dim=(0, 2, 3)).float()
-            save_torch({"mean": mean, "std": std, "num_latents": int(both.shape[0])}, d / "stats.pt")
-            stats = (mean, std)
+        if hit:  # the same tokenizer weights on the same images: the latents of an earlier run
+            if dist.is_main():
+                _link_files(cache, d, LATENT_FILES)
+                s = load_torch(d / "stats.pt")
+                stats = (s["mean"], s["std"])
+        else:
+            train = self._encode_split("train", flip=True)
+            val = self._encode_split("val", flip=False)
+            if dist.is_main():
+                (z, zf, y), (zv, _, yv) = train, val
+                save_torch({"latents": z, "flipped": zf, "labels": y}, d / "train.pt")
+                save_torch({"latents": zv, "labels": yv}, d / "val.pt")
+                both = torch.cat([z, zf]).double()
+                mean = both.mean(dim=(0, 2, 3)).float()
+                std = both.std(dim=(0, 2, 3)).float()
+                save_torch({"mean": mean, "std": std, "num_latents": int(both.shape[0])}, d / "stats.pt")
+                stats = (mean, std)
+                _link_files(d, cache, LATENT_FILES)
+                write_json(cache / "done.json", {"run": self.run_dir.name})
         mean, std = dist.broadcast_object(stats)
         self.tokenizer().set_latent_stats(mean.to(self.device), std.to(self.device))
         if not dist.is_main():
             return {}
+        z, zv = load_torch(d / "train.pt")["latents"], load_torch(d / "val.pt")["latents"]
         return {"train_latents": list(z.shape), "val_latents": list(zv.shape), "mean_abs_mean": float(mean.abs().mean()),
-                "mean_std": float(std.mean()), "vfm_feature_cache": dataclasses.asdict(self.feature_stats)}
+                "mean_std": float(std.mean()), "latent_cache": "hit" if hit else "miss", "latent_cache_dir": str(cache),
+                "vfm_feature_cache": dataclasses.asdict(self.feature_stats)}
+
+    def _latent_cache_key(self) -> str:
+        """What the latents depend on: the tokenizer's weights (hashed), its identity and the frozen
+        VFM's weights, the images (dataset id, split sizes, resolution, corrupt-image policy), the
+        posterior-sampling seed and the precision of encoding."""
+        import hashlib
+
+        tok = self.tokenizer()
+        h = hashlib.sha256()
+        for name, t in sorted(tok.weights_state().items()):
+            if isinstance(t, torch.Tensor):
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        spec = self.host.tokenizers.get(self.cfg.tokenizer.name)
+        ds_tr, ds_va = self.dataset("train"), self.dataset("val")
+        key = {
+            "weights_sha256": h.hexdigest(), "tokenizer": [spec.name, spec.version],
+            "vfm": self.ctx().vfm().weights_id if spec.uses_vfm else "",
+            "dataset": getattr(ds_tr, "cache_id", self.cfg.data.dataset), "val_dataset": getattr(ds_va, "cache_id", self.cfg.data.dataset),
+            "train_images": len(ds_tr), "val_images": len(ds_va), "resolution": self.cfg.data.resolution,
+            "skip_corrupt": self.cfg.data.skip_corrupt, "seed": self.cfg.run.seed, "precision": self.cfg.run.precision, "version": 1,
+        }
+        return config_hash(key, 16)
 
     def _latents(self, split: str) -> dict[str, torch.Tensor]:
         path = self.stage_dir("latents") / f"{split}.pt"
