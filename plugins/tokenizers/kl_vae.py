@@ -62,7 +62,7 @@ class KlVae(Tokenizer):
         recon = self.decode(post.sample())
         l1 = (recon - target).abs().mean()
         kl = post.kl().mean()
-        return self.args.l1_weight * l1 + self.args.kl_weight * kl, {"l1": float(l1), "kl": float(kl)}
+        return self.args.l1_weight * l1 + self.args.kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach())}
 
 
 def build(args: KlVaeArgs, ctx) -> KlVae:
