@@ -140,7 +140,10 @@ def build_diffusion(s: Setup):
 
 
 def optimisers(phases) -> list[torch.optim.Optimizer]:
-    return [torch.optim.AdamW(ph.params, lr=ph.lr, betas=ph.betas, weight_decay=ph.weight_decay) for ph in phases]
+    """The optimisers ``train_loop`` builds (fused AdamW where supported)."""
+    from vfmbench.train import make_optimiser
+
+    return [make_optimiser(ph) for ph in phases]
 
 
 def train_step_fn(s: Setup, module, phases, batch: Callable[[], tuple]) -> Callable[[], None]:

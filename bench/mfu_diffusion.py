@@ -61,7 +61,6 @@ ABLATIONS = {
     "gelu-mlp": ["diffusion.args.swiglu=false"],
     "layernorm": ["diffusion.args.rmsnorm=false"],
     "no-cos-loss": ["diffusion.args.cos_loss_weight=0"],
-    "fused-adamw": [],  # the optimiser only (handled in flow_step)
 }
 
 
@@ -77,12 +76,9 @@ def build_flow_model(name: str, width: int, depth: int, heads: int, grid: int, c
     return model, s.cfg.diffusion.train.lr
 
 
-def flow_step(model, lr: float, batch: int, grid: int, channels: int, device: torch.device, autocast, fused: bool = False) -> Callable[[], None]:
+def flow_step(model, lr: float, batch: int, grid: int, channels: int, device: torch.device, autocast) -> Callable[[], None]:
     phases = model.training_phases(lr)
-    if fused:
-        opts = [torch.optim.AdamW(ph.params, lr=ph.lr, betas=ph.betas, weight_decay=ph.weight_decay, fused=True) for ph in phases]
-    else:
-        opts = components.optimisers(phases)
+    opts = components.optimisers(phases)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(batch, channels, grid, grid, generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
@@ -106,7 +102,7 @@ def plain_step(width: int, depth: int, heads: int, tokens: int, batch: int, devi
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
     enc = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False).to(device).train()
-    opt = torch.optim.AdamW(enc.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type in ("cpu", "cuda"))  # as train_loop's
     x = torch.randn(batch, tokens, width, generator=torch.Generator().manual_seed(0)).to(device)
 
     def step():
@@ -211,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         base = next((r for r in results if r["model"] == "lightningdit"), None)
         for name, extra in ABLATIONS.items():
             model, lr = build_flow_model("lightningdit", args.width, args.depth, args.heads, grid, args.channels, device, extra)
-            step = flow_step(model, lr, batch, grid, args.channels, device, autocast, fused=name == "fused-adamw")
+            step = flow_step(model, lr, batch, grid, args.channels, device, autocast)
             timing = common.time_fn(step, device, warmup=args.warmup, repeats=repeats)
             a = {"variant": name, "sets": extra, "timing": timing, "seconds_per_step": timing["median_s"]}
             if base:

@@ -81,6 +81,131 @@ def test_rope_depends_on_relative_position_only():
     assert torch.equal(out[:, :, 0], x[:, :, 0]) and torch.allclose(out[:, :, 1:], apply_rope(x[:, :, 1:], cos, sin))
 
 
+# ---------------------------------------------------------------------------------------------
+# The fused kernels against the straightforward formulas they replace (issue 9)
+
+
+def textbook_rope(x: torch.Tensor, gh: int, gw: int, theta: float = 10000.0) -> torch.Tensor:
+    """2-D RoPE as complex multiplication: per axis, the pair (a_f, b_f) is a_f + i b_f, multiplied by
+    exp(i pos theta^(-f / q)) with pos the row (first axis) or column (second axis); x [..., T, hd]
+    with T = gh * gw row-major tokens and the channel layout [axis, half, frequency] of ``rope_2d``."""
+    hd = x.shape[-1]
+    q = hd // 4
+    freqs = theta ** (-torch.arange(q, dtype=torch.float64) / q)
+    rows = torch.arange(gh * gw, dtype=torch.float64) // gw
+    cols = torch.arange(gh * gw, dtype=torch.float64) % gw
+    out = []
+    for axis, pos in enumerate((rows, cols)):
+        pair = x[..., axis * 2 * q:(axis + 1) * 2 * q].double()
+        z = torch.complex(pair[..., :q], pair[..., q:]) * torch.polar(torch.ones((), dtype=torch.float64), pos[:, None] * freqs[None])
+        out += [z.real, z.imag]
+    return torch.cat(out, dim=-1).to(x.dtype)
+
+
+def reference_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_rope_equals_complex_multiplication_and_the_previous_formula():
+    from vfmbench_plugins.diffusion.flow_dit import rotate_pairs
+
+    gh, gw, hd = 3, 4, 16
+    cos, sin = rope_2d(hd, gh, gw)
+    x = torch.randn(2, 3, gh * gw, hd, generator=torch.Generator().manual_seed(0))
+    out = apply_rope(x, cos, sin)
+    torch.testing.assert_close(out, textbook_rope(x, gh, gw), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, x * cos + rotate_pairs(x) * sin, atol=1e-6, rtol=1e-6)  # the pre-issue-9 formula
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+@pytest.mark.parametrize("qk_norm,rope", [(True, True), (True, False), (False, True), (False, False)])
+def test_qk_norm_rope_matches_the_reference_values_and_gradients(prefix, qk_norm, rope):
+    from vfmbench_plugins.diffusion.flow_dit import qk_norm_rope
+
+    g = torch.Generator().manual_seed(1)
+    gh, gw, hd, heads, b = 2, 4, 8, 3, 2
+    t = prefix + gh * gw
+    qkv = torch.randn(b, t, 3, heads, hd, generator=g, dtype=torch.float64).requires_grad_()
+    w = (1 + 0.3 * torch.randn(2, hd, generator=g, dtype=torch.float64)).requires_grad_()
+    tables = tuple(v.double() for v in rope_2d(hd, gh, gw)) if rope else None
+    out = qk_norm_rope(qkv[:, :, :2], w if qk_norm else None, tables)
+    ref = []
+    for i in range(2):  # q then k, as [B, H, T, hd]
+        v = qkv[:, :, i].transpose(1, 2)
+        if qk_norm:
+            v = reference_rms(v) * w[i]
+        if rope:
+            v = torch.cat([v[..., :prefix, :], textbook_rope(v[..., prefix:, :], gh, gw)], dim=-2)
+        ref.append(v.transpose(1, 2))
+    ref = torch.stack(ref, dim=2)
+    tol = dict(atol=1e-6, rtol=1e-6) if rope else dict(atol=1e-12, rtol=1e-12)  # rope_2d's tables are float32
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, **tol)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, [qkv, w] if qk_norm else [qkv], grad)
+    want = torch.autograd.grad(ref, [qkv, w] if qk_norm else [qkv], grad)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **tol)
+
+
+def test_fused_norm_modulate_gate_and_swiglu_match_the_formulas():
+    from vfmbench_plugins.diffusion.dit_blocks import silu_gate
+    from vfmbench_plugins.diffusion.flow_dit import RMSNorm, gated, modulate
+
+    g = torch.Generator().manual_seed(2)
+    x, h = (torch.randn(3, 5, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    shift, scale, gate = (torch.randn(3, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    norm = RMSNorm(8, eps=1e-6, elementwise_affine=False)
+    pairs = [
+        (lambda: norm(x), lambda: reference_rms(x)),
+        (lambda: modulate(x, shift, scale), lambda: x * (1 + scale[:, None]) + shift[:, None]),
+        (lambda: gated(x, gate, h), lambda: x + gate[:, None] * h),
+        (lambda: silu_gate(torch.cat([x, h], -1)), lambda: torch.nn.functional.silu(x) * h),
+    ]
+    inputs = [x, h, shift, scale, gate]
+    for fused, ref in pairs:
+        out, want = fused(), ref()
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+        grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        got = torch.autograd.grad(out, inputs, grad, allow_unused=True, materialize_grads=True)
+        exp = torch.autograd.grad(want, inputs, grad, allow_unused=True, materialize_grads=True)
+        for a, e in zip(got, exp):
+            torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+    w = torch.nn.RMSNorm(8, eps=1e-6)  # with a weight: the same as torch's module
+    fast = RMSNorm(8, eps=1e-6)
+    fast.load_state_dict({"weight": torch.rand(8, generator=g) + 0.5})
+    w.load_state_dict(fast.state_dict())
+    xf = torch.randn(4, 8, generator=g)
+    torch.testing.assert_close(fast(xf), w(xf))
+
+
+def test_attention_uses_fused_sdpa_and_equals_a_plain_softmax_reference(monkeypatch):
+    import torch.nn.functional as F
+
+    from vfmbench_plugins.diffusion import flow_dit
+    from vfmbench_plugins.diffusion.flow_dit import Attention
+
+    torch.manual_seed(3)
+    width, heads, gh, gw, b = 32, 2, 2, 4, 2
+    attn = Attention(width, heads, qk_norm=True).double()
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    rope = tuple(v.double() for v in rope_2d(width // heads, gh, gw))
+    x = torch.randn(b, gh * gw, width, dtype=torch.float64)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(flow_dit.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = attn(x, rope)
+    assert calls == [1]  # one fused attention call, no per-token or per-head Python loop
+    q, k, v = attn.qkv(x).view(b, -1, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    q = textbook_rope(reference_rms(q) * attn.q_norm.weight, gh, gw)
+    k = textbook_rope(reference_rms(k) * attn.k_norm.weight, gh, gw)
+    a = torch.softmax(q @ k.transpose(-1, -2) / (width // heads) ** 0.5, dim=-1)
+    ref = attn.proj((a @ v).transpose(1, 2).reshape(b, -1, width))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)  # rope_2d's tables are float32
+
+
 def test_loss_equals_manual_computation():
     m = tiny(label_dropout=0.3, cos_loss_weight=0.7)
     step = replay_training_step(m, lambda x, y: m.draw_training_noise(x, y, 0))

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import torch
@@ -85,3 +86,41 @@ def test_nan_step_is_skipped_and_counted(tmp_path):
     model, res = _train(tmp_path, 40, model=Toy(nan_at=16))
     assert res.skipped_steps == 1 and res.steps == 5
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_make_optimiser_uses_fused_adamw_and_matches_the_loop_implementation():
+    from vfmbench.train import make_optimiser
+
+    torch.manual_seed(0)
+    ref_model = nn.Sequential(nn.Linear(6, 16), nn.SiLU(), nn.Linear(16, 3))
+    fast_model = nn.Sequential(nn.Linear(6, 16), nn.SiLU(), nn.Linear(16, 3))
+    fast_model.load_state_dict(ref_model.state_dict())
+    ph = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), foreach=False, **ph)  # the per-parameter loop
+    fast_opt = make_optimiser(Phase("g", list(fast_model.parameters()), **ph))
+    assert fast_opt.param_groups[0]["fused"] is True
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        for model, opt in ((ref_model, ref_opt), (fast_model, fast_opt)):
+            opt.zero_grad(set_to_none=True)
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(ref_model.parameters(), fast_model.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    # a checkpoint of the loop implementation loads into the fused one, which stays fused and continues alike
+    fast_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # as from a file: no shared state tensors
+    assert fast_opt.param_groups[0]["fused"] is True and fast_opt.param_groups[0]["foreach"] is None
+    for model, opt in ((ref_model, ref_opt), (fast_model, fast_opt)):
+        opt.zero_grad(set_to_none=True)
+        model(x).pow(2).mean().backward()
+        opt.step()
+    for a, b in zip(ref_model.parameters(), fast_model.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_make_optimiser_falls_back_to_foreach_without_fusable_parameters():
+    from vfmbench.train import make_optimiser
+
+    p = nn.Parameter(torch.zeros(3, device="meta"))
+    opt = make_optimiser(Phase("g", [p], 1e-3))
+    assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]

@@ -35,7 +35,7 @@ from vfmbench import perf
 from vfmbench.errors import UserError, did_you_mean
 from vfmbench.interfaces import DiffusionModel, Phase
 from vfmbench.sampling import shift_time
-from vfmbench_plugins.diffusion.flow_dit import Attention, TimestepEmbedder, modulate, sincos_2d
+from vfmbench_plugins.diffusion.flow_dit import Attention, RMSNorm, TimestepEmbedder, gated, modulate, sincos_2d
 
 # width, depth, heads (DiT's S/B/L/XL; 'tiny' is the CPU smoke size)
 SIZES = {"tiny": (128, 4, 4), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
@@ -136,6 +136,33 @@ def rope_2d(head_dim: int, gh: int, gw: int, theta: float = 10000.0) -> tuple[to
 # Blocks
 
 
+class _SiLUGate(torch.autograd.Function):
+    """``silu(a) * b`` for ``[a, b] = h`` split on the last dim; the backward writes both halves' gradients
+    straight into one buffer (autograd's chunk backward would concatenate them in an extra pass)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        a, b = h.chunk(2, dim=-1)
+        s = F.silu(a)
+        ctx.save_for_backward(h, s)
+        return s * b
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        h, s = ctx.saved_tensors
+        a, b = h.chunk(2, dim=-1)
+        gh = torch.empty_like(h)
+        ga, gb = gh.chunk(2, dim=-1)
+        torch.mul(g, s, out=gb)
+        torch.ops.aten.silu_backward.grad_input(g * b, a, grad_input=ga)
+        return gh
+
+
+def silu_gate(h: torch.Tensor) -> torch.Tensor:
+    """``silu(a) * b`` with ``[a, b] = h.chunk(2, -1)``."""
+    return _SiLUGate.apply(h)
+
+
 class SwiGLU(nn.Module):
     """``fc2(silu(a) * b)`` with ``[a, b] = fc1(x)`` and hidden width ``int(2/3 * mlp_ratio * width)``."""
 
@@ -146,13 +173,12 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(F.silu(a) * b)
+        return self.fc2(silu_gate(self.fc1(x)))
 
 
 def _norm(width: int, rms: bool) -> nn.Module:
     if rms:
-        return nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
+        return RMSNorm(width, eps=1e-6, elementwise_affine=False)
     return nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
 
 
@@ -173,8 +199,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=1)
-        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
-        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        x = gated(x, g1, self.attn(modulate(self.norm1(x), sh1, sc1), rope))
+        return gated(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2)))
 
 
 class FinalLayer(nn.Module):
