@@ -81,3 +81,29 @@ def test_a_prefix_reference_reads_the_whole_split_cache(host, tmp_path, session_
     np.testing.assert_array_equal(a["pool"], b["pool"][:6])
     direct = ev.inception()(images[:6])["pool"]
     np.testing.assert_allclose(a["pool"], direct, rtol=1e-5, atol=1e-6)
+
+
+def test_candidate_features_are_cached_by_their_pixels(host, tmp_path, session_cache):
+    """A second evaluation of the same pixels (a rerun that reproduces the same reconstructions or
+    samples) reads their Inception features from the cache; other pixels do not."""
+    from vfmbench.config import resolve
+    from vfmbench.evaluate import Evaluator
+
+    def evaluator(**metrics):
+        cfg = resolve([dict(host.presets.get("smoke").values), {"metrics": {"names": ["gfid"], **metrics}, "run": {"cache_dir": str(session_cache)}}])
+        return Evaluator(host, cfg, torch.device("cpu"), tmp_path / "cache")
+
+    images = _images(5, n=6)
+    first, second = evaluator(), evaluator()
+    first.add_samples(images)
+    second.add_samples(images)
+    assert first.image_feature_cache == {"hits": 0, "misses": 1} and second.image_feature_cache == {"hits": 1, "misses": 0}
+    np.testing.assert_array_equal(first._features["pool"][0], second._features["pool"][0])
+    changed = images.clone()
+    changed[0, 0, 0, 0] ^= 1  # one pixel, one bit
+    second.add_samples(changed)
+    assert second.image_feature_cache == {"hits": 1, "misses": 1}
+    off = evaluator(cache_image_features=False)
+    off.add_samples(images)
+    assert off.image_feature_cache == {"hits": 0, "misses": 0}
+    np.testing.assert_array_equal(off._features["pool"][0], first._features["pool"][0])

@@ -139,6 +139,7 @@ class MetricsConfig:
     recon_images: int = 50000  # val images reconstructed for rFID / PSNR
     isc_splits: int = 10
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    cache_image_features: bool = True  # Inception/LPIPS outputs of candidate images cached by their pixels' hash
 
 
 @dataclass

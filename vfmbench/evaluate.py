@@ -69,6 +69,7 @@ class Evaluator:
         self._pairs: dict[str, list[np.ndarray]] = defaultdict(list)
         self.cache = StatsCache(self.cache_dir / "reference")
         self.reference_cache_hits = 0
+        self.image_feature_cache = {"hits": 0, "misses": 0}  # content-addressed candidate features
 
     # -- extractors -------------------------------------------------------------------------------
     def family_specs(self, family: str) -> list[MetricSpec]:
@@ -110,16 +111,55 @@ class Evaluator:
         if (extractor, feature) == ("pixels", "ssim"):
             return ssim_per_image(images, recon)
         if extractor == LPIPS:
-            return self.lpips()(images, recon)
+            lp = self.lpips()
+            return self._content_cached(f"lpips:{lp.weights_id}", (images, recon), lambda: {"lpips": lp(images, recon)})["lpips"]
         raise ValueError(
             f"pair-metric features {extractor}/{feature} are not known to the evaluator "
             "(known: pixels/psnr, pixels/ssim, lpips-vgg/lpips)"
         )
 
     # -- accumulation -----------------------------------------------------------------------------
+    def _content_cached(self, kind: str, tensors: tuple[torch.Tensor, ...], compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """``compute()``'s arrays for these exact pixels, from the on-disk cache when they were computed
+        before (``metrics.cache_image_features``). The key is a hash of the uint8 bytes, their shapes and
+        ``kind`` (extractor, weights id, feature names), so a second run that reproduces the same
+        reconstructions or samples reads their features instead of running the extractor again."""
+        if not self.cfg.metrics.cache_image_features:
+            return compute()
+        import hashlib
+        import os
+
+        h = hashlib.blake2b(digest_size=20)
+        h.update(kind.encode())
+        for t in tensors:
+            x = t.detach().cpu().contiguous()
+            h.update(f"{tuple(x.shape)}{x.dtype}".encode())
+            h.update(x.numpy().tobytes())
+        path = self.cache_dir / "image-features" / f"{h.hexdigest()}.npz"
+        if path.exists():
+            try:
+                with np.load(path) as z:
+                    out = {k: z[k] for k in z.files}
+                self.image_feature_cache["hits"] += 1
+                return out
+            except (OSError, ValueError):  # torn or foreign file: compute again and overwrite
+                pass
+        out = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **out)
+        os.replace(tmp, path)
+        self.image_feature_cache["misses"] += 1
+        return out
+
+    def _inception_of(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        inc = self.inception()
+        kind = f"inception-v3-compat:{inc.weights_id}:{','.join(inc.features)}"
+        return self._content_cached(kind, (images,), lambda: inc(images))
+
     def add_samples(self, images: torch.Tensor) -> None:
         if self._inception_features_needed():
-            for k, v in self.inception()(images).items():
+            for k, v in self._inception_of(images).items():
                 self._features[k].append(v)
 
     def add_pairs(self, images: torch.Tensor, recon: torch.Tensor) -> None:

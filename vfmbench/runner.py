@@ -44,7 +44,7 @@ NON_RESULT_KEYS = {
     ("tokenizer", "train", "keep_checkpoints"), ("diffusion", "train", "keep_checkpoints"),
     # speed and memory switches: the same run directory, so e.g. checkpointing can rescue a run that ran out of memory
     ("run", "compile"), ("run", "compile_backend"), ("run", "grad_checkpointing"), ("run", "channels_last"),
-    ("data", "num_workers"), ("data", "shuffle_buffer"),
+    ("data", "num_workers"), ("data", "shuffle_buffer"), ("metrics", "cache_image_features"),
 }
 
 
@@ -462,6 +462,7 @@ class Run:
         tok = self.tokenizer()
         ev = self.evaluator()
         ev.sharded = True
+        ev.image_feature_cache = {"hits": 0, "misses": 0}  # this stage's
         n = self.cfg.metrics.recon_images
         first = None
         with torch.no_grad():
@@ -480,7 +481,7 @@ class Run:
         save_pairs(*first, d / "reconstructions.png")
         write_rows(d / "rows.jsonl", [self.row(r, images={"reconstructions": "recon-eval/reconstructions.png"}) for r in rows])
         return {"metrics": {r["metric"]: r["value"] for r in rows}, "vfm_feature_cache": dataclasses.asdict(self.feature_stats),
-                "reference_cache_hits": ev.reference_cache_hits}
+                "reference_cache_hits": ev.reference_cache_hits, "image_feature_cache": dict(ev.image_feature_cache)}
 
     def _val_reference_shard(self, n: int):
         """Batches of the first ``n`` val images for reference features: this rank's block under torchrun."""
@@ -787,6 +788,7 @@ class Run:
         images = read_samples_npz(self.stage_dir("sample") / "samples.npz")
         ev = self.evaluator()
         ev.sharded = True
+        ev.image_feature_cache = {"hits": 0, "misses": 0}  # this stage's
         bs = self.cfg.metrics.batch_size
         mine = dist.shard_batches(images.shape[0], bs)
         for _, start, stop in tqdm(mine, desc="sample features", unit="batch", leave=False, dynamic_ncols=True, disable=not dist.is_main() or None):
@@ -810,7 +812,8 @@ class Run:
         rows = [self.row(r, images={"samples": "sample/samples.png"}) for r in rows]
         curve = self.stage_dir("diffusion") / "convergence.jsonl"  # gFID-versus-images rows of the diffusion stage
         write_rows(d / "rows.jsonl", rows + (read_rows(curve) if curve.exists() else []))
-        return {"metrics": {r["metric"]: r["value"] for r in rows}}
+        return {"metrics": {r["metric"]: r["value"] for r in rows}, "reference_cache_hits": ev.reference_cache_hits,
+                "image_feature_cache": dict(ev.image_feature_cache)}
 
     def stage_results(self) -> dict[str, Any]:
         from .results import read_rows
