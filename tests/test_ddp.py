@@ -152,6 +152,7 @@ def test_vfmbench_run_evaluates_the_same_on_two_ranks(tmp_path, session_cache):
     ref_one = tmp_path / "reference-one"
     shutil.move(str(session_cache / "reference"), ref_one)  # the 2-rank run computes the reference features again
     shutil.move(str(session_cache / "latents"), tmp_path / "latents-one")  # ... and encodes the latents again
+    shutil.move(str(session_cache / "image-features"), tmp_path / "image-features-one")  # ... and featurises its candidates again
     two = tmp_path / "two" / one.name
     two.parent.mkdir()
     shutil.copytree(one / "tokenizer", two / "tokenizer")
@@ -160,6 +161,9 @@ def test_vfmbench_run_evaluates_the_same_on_two_ranks(tmp_path, session_cache):
     for stage in ("recon-eval", "latents", "sample", "gen-eval"):
         assert json.loads((two / stage / "done.json").read_text())["world_size"] == 2
     assert json.loads((two / "latents" / "done.json").read_text())["latent_cache"] == "miss"
+    for stage in ("recon-eval", "gen-eval"):
+        cache = json.loads((two / stage / "done.json").read_text())["image_feature_cache"]
+        assert cache["hits"] == 0 and cache["misses"] >= 1, (stage, cache)
     for split in ("train", "val"):
         a, b = torch.load(one / "latents" / f"{split}.pt"), torch.load(two / "latents" / f"{split}.pt")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), split
