@@ -147,8 +147,13 @@ def optimisers(phases) -> list[torch.optim.Optimizer]:
 
 
 def train_step_fn(s: Setup, module, phases, batch: Callable[[], tuple]) -> Callable[[], None]:
-    """One step as ``vfmbench.train.train_loop`` takes it: every phase's forward (under autocast when
-    bf16), backward, clipping and AdamW step. The global RNG is reseeded first (same work each step)."""
+    """One step as ``vfmbench.train.train_loop`` takes it (see ``phase_step``), under the setup's autocast."""
+    return phase_step(module, phases, batch, s.autocast)
+
+
+def phase_step(module, phases, batch: Callable[[], tuple], autocast: Callable) -> Callable[[], None]:
+    """One training step as ``train_loop`` takes it: every phase's forward (under ``autocast()``),
+    backward, clipping and optimiser step. The global RNG is reseeded first (same work each step)."""
     opts = optimisers(phases)
     module.train()
 
@@ -157,7 +162,7 @@ def train_step_fn(s: Setup, module, phases, batch: Callable[[], tuple]) -> Calla
         inputs, labels = batch()
         for ph, opt in zip(phases, opts):
             opt.zero_grad(set_to_none=True)
-            with s.autocast():
+            with autocast():
                 loss, _ = module.phase_loss(ph.name, inputs, labels, 0)
             loss.backward()
             if ph.grad_clip > 0:

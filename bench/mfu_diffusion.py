@@ -77,25 +77,10 @@ def build_flow_model(name: str, width: int, depth: int, heads: int, grid: int, c
 
 
 def flow_step(model, lr: float, batch: int, grid: int, channels: int, device: torch.device, autocast) -> Callable[[], None]:
-    phases = model.training_phases(lr)
-    opts = components.optimisers(phases)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(batch, channels, grid, grid, generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    model.train()
-
-    def step():
-        torch.manual_seed(1234)
-        for ph, opt in zip(phases, opts):
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                loss, _ = model.phase_loss(ph.name, z, y, 0)
-            loss.backward()
-            if ph.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(ph.params, ph.grad_clip)
-            opt.step()
-
-    return step
+    return components.phase_step(model, model.training_phases(lr), lambda: (z, y), autocast)
 
 
 def plain_step(width: int, depth: int, heads: int, tokens: int, batch: int, device: torch.device, autocast) -> tuple[Callable[[], None], int]:
