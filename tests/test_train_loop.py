@@ -100,22 +100,21 @@ def test_make_optimiser_uses_fused_adamw_and_matches_the_loop_implementation():
     fast_opt = make_optimiser(Phase("g", list(fast_model.parameters()), **ph))
     assert fast_opt.param_groups[0]["fused"] is True
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
-    for _ in range(5):
-        for model, opt in ((ref_model, ref_opt), (fast_model, fast_opt)):
-            opt.zero_grad(set_to_none=True)
-            model(x).pow(2).mean().backward()
-            opt.step()
-    for a, b in zip(ref_model.parameters(), fast_model.parameters()):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+    def steps_agree(n: int) -> None:
+        for _ in range(n):
+            for model, opt in ((ref_model, ref_opt), (fast_model, fast_opt)):
+                opt.zero_grad(set_to_none=True)
+                model(x).pow(2).mean().backward()
+                opt.step()
+        for a, b in zip(ref_model.parameters(), fast_model.parameters()):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+    steps_agree(5)
     # a checkpoint of the loop implementation loads into the fused one, which stays fused and continues alike
     fast_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # as from a file: no shared state tensors
     assert fast_opt.param_groups[0]["fused"] is True and fast_opt.param_groups[0]["foreach"] is None
-    for model, opt in ((ref_model, ref_opt), (fast_model, fast_opt)):
-        opt.zero_grad(set_to_none=True)
-        model(x).pow(2).mean().backward()
-        opt.step()
-    for a, b in zip(ref_model.parameters(), fast_model.parameters()):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    steps_agree(1)
 
 
 def test_make_optimiser_falls_back_to_foreach_without_fusable_parameters():
