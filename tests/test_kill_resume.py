@@ -46,7 +46,9 @@ def _env() -> dict:
 
 
 def _command(out: Path) -> list[str]:
-    return [sys.executable, "-m", "vfmbench.cli", *ARGS, "--out", str(out)]
+    # each run its own cache folder: the killed run recomputes everything (features, latents, references)
+    # instead of reading what the uninterrupted run cached, so equal results mean equal computations
+    return [sys.executable, "-m", "vfmbench.cli", *ARGS, "--out", str(out), "--set", f"run.cache_dir={out}-cache"]
 
 
 def _running(log: str) -> str | None:
