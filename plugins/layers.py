@@ -40,19 +40,15 @@ def stage_channels(base: int, mult: list[int], levels: int) -> list[int]:
     return [base * mult[min(i, len(mult) - 1)] for i in range(levels + 1)]
 
 
-class _ConvStack(nn.Module):
-    """``conv_in -> body (a Sequential) -> norm_out -> SiLU -> conv_out`` with the run's switches:
-    gradient checkpointing per body layer, channels-last weights and activations."""
+class SpeedSwitches:
+    """The run's speed switches for a module (``run.grad_checkpointing``, ``run.channels_last``):
+    ``run(block, *args)`` recomputes ``block``'s activations in backward when checkpointing is on."""
 
     grad_checkpointing = False
     channels_last = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(perf.channels_last_input(x, self.channels_last))
-        for layer in self.body:
-            x = perf.checkpoint(layer, x) if self.grad_checkpointing and isinstance(layer, ResBlock) else layer(x)
-        out = self.conv_out(F.silu(self.norm_out(x)))
-        return out.contiguous() if self.channels_last else out
+    def run(self, module: nn.Module, *args):
+        return perf.checkpoint(module, *args) if self.grad_checkpointing else module(*args)
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.grad_checkpointing = bool(enabled)
@@ -60,6 +56,18 @@ class _ConvStack(nn.Module):
     def set_channels_last(self, enabled: bool) -> None:
         self.channels_last = bool(enabled)
         perf.to_channels_last(self, enabled)
+
+
+class _ConvStack(SpeedSwitches, nn.Module):
+    """``conv_in -> body (a Sequential) -> norm_out -> SiLU -> conv_out`` with the run's switches:
+    gradient checkpointing per body layer, channels-last weights and activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(perf.channels_last_input(x, self.channels_last))
+        for layer in self.body:
+            x = self.run(layer, x) if isinstance(layer, ResBlock) else layer(x)
+        out = self.conv_out(F.silu(self.norm_out(x)))
+        return out.contiguous() if self.channels_last else out
 
 
 class ConvEncoder(_ConvStack):

@@ -26,7 +26,7 @@ from vfmbench import perf
 from vfmbench.errors import UserError
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import DecoderSpec
-from vfmbench_plugins.layers import ResBlock, group_norm
+from vfmbench_plugins.layers import ResBlock, SpeedSwitches, group_norm
 
 
 @dataclass
@@ -89,15 +89,13 @@ class ToRGB(nn.Module):
         return self.conv(F.silu(self.norm(x)))
 
 
-class SdVaeDecoder(nn.Module):
+class SdVaeDecoder(SpeedSwitches, nn.Module):
     """Latent feature map [B, C, g, g] -> image [B, 3, g * downsample, g * downsample] in about [-1, 1].
 
     ``set_grad_checkpointing(True)`` recomputes the middle block and each level in the backward
     pass; ``set_channels_last(True)`` keeps weights and activations in NHWC.
     """
 
-    grad_checkpointing = False
-    channels_last = False
 
     def __init__(self, in_channels: int, downsample: int, a: SdVaeDecoderArgs):
         super().__init__()
@@ -149,16 +147,6 @@ class SdVaeDecoder(nn.Module):
         if self.channels_last:
             rgbs = [r.contiguous() for r in rgbs]
         return rgbs[-1], rgbs[:-1]
-
-    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return perf.checkpoint(module, x) if self.grad_checkpointing else module(x)
-
-    def set_grad_checkpointing(self, enabled: bool) -> None:
-        self.grad_checkpointing = bool(enabled)
-
-    def set_channels_last(self, enabled: bool) -> None:
-        self.channels_last = bool(enabled)
-        perf.to_channels_last(self, enabled)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.forward_multiscale(h)[0]

@@ -34,6 +34,7 @@ from vfmbench import perf
 from vfmbench.errors import UserError
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import DecoderSpec
+from vfmbench_plugins.layers import SpeedSwitches
 
 BLUR_TAPS = {3: (1.0, 2.0, 1.0), 5: (1.0, 4.0, 6.0, 4.0, 1.0)}
 
@@ -324,15 +325,13 @@ class SynthesisBlock(nn.Module):
 # The decoder
 
 
-class VfmVaeDecoder(nn.Module):
+class VfmVaeDecoder(SpeedSwitches, nn.Module):
     """Latent feature map [B, C, g, g] -> image [B, 3, g * downsample, g * downsample] in about [-1, 1].
 
     ``set_grad_checkpointing(True)`` recomputes each synthesis block (and latent injection) in the
     backward pass; ``set_channels_last(True)`` keeps weights and activations in NHWC.
     """
 
-    grad_checkpointing = False
-    channels_last = False
 
     def __init__(self, in_channels: int, downsample: int, a: VfmVaeDecoderArgs):
         super().__init__()
@@ -381,16 +380,6 @@ class VfmVaeDecoder(nn.Module):
             x, skip, rgb = self.run(block, x, skip, w)
             rgbs.append(rgb.contiguous() if self.channels_last else rgb)
         return rgbs[-1], rgbs[:-1]
-
-    def run(self, module: nn.Module, *args):
-        return perf.checkpoint(module, *args) if self.grad_checkpointing else module(*args)
-
-    def set_grad_checkpointing(self, enabled: bool) -> None:
-        self.grad_checkpointing = bool(enabled)
-
-    def set_channels_last(self, enabled: bool) -> None:
-        self.channels_last = bool(enabled)
-        perf.to_channels_last(self, enabled)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.forward_multiscale(h)[0]
