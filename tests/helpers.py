@@ -3,6 +3,7 @@ import them as ``from helpers import ...``: pytest puts this folder on ``sys.pat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -10,6 +11,17 @@ import scipy.linalg
 import torch
 
 from vfmbench.sampling import sample, sample_labels
+
+# Golden fixtures made by the reference implementations (../shared/golden beside the checkout; README inside).
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def golden(name: str) -> Path:
+    """The folder of one golden fixture set; a missing one is a failure, not a skip."""
+    d = GOLDEN / name
+    if not (d / "fixture.json").exists():
+        raise FileNotFoundError(f"golden fixture set {d} is missing: the checkout needs ../shared/golden beside it")
+    return d
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
