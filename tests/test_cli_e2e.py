@@ -140,10 +140,10 @@ def test_sigkill_during_diffusion_resumes_without_retraining_tokenizer(tmp_path)
     proc.wait()
     run_dir = ckpt.parent.parent
     assert not (run_dir / "diffusion" / "done.json").exists()
-    tok_mtime = (run_dir / "tokenizer" / "model.pt").stat().st_mtime
+    tok_mtime = (run_dir / "tokenizer" / "model.safetensors").stat().st_mtime
     p = vfmbench(*args)
     assert "tokenizer: done, skipped" in p.stderr
-    assert (run_dir / "tokenizer" / "model.pt").stat().st_mtime == tok_mtime
+    assert (run_dir / "tokenizer" / "model.safetensors").stat().st_mtime == tok_mtime
     done = json.loads((run_dir / "diffusion" / "done.json").read_text())
     assert done["resumed_from"] > 0 and done["images"] >= 4096
     assert REQUIRED_METRICS <= {r["metric"] for r in results(run_dir)}

@@ -5,8 +5,8 @@ from vfmbench.errors import UserError
 
 
 def test_layers_compose_in_order():
-    cfg = resolve([{"data": {"resolution": 64, "batch_size": 8}}, {"data": {"resolution": 128}}, parse_set("vfm.layers=[0, 12, -1]")])
-    assert cfg.data.resolution == 128 and cfg.data.batch_size == 8
+    cfg = resolve([{"data": {"resolution": 64, "num_workers": 8}}, {"data": {"resolution": 128}}, parse_set("vfm.layers=[0, 12, -1]")])
+    assert cfg.data.resolution == 128 and cfg.data.num_workers == 8
     assert cfg.vfm.layers == [0, 12, -1]
 
 

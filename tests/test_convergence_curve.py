@@ -19,7 +19,7 @@ from vfmbench.runner import Run
 
 FLAGS = {"tokenizer": "kl-vae", "vfm": None, "decoder": None, "diffusion": "sit", "dataset": None}
 SETS = [
-    "data.train_images=32", "data.val_images=8", "data.batch_size=16", "metrics.batch_size=16",
+    "data.train_images=32", "data.val_images=8", "metrics.batch_size=16",
     "tokenizer.train.images=0", "run.stages=[tokenizer,latents,diffusion]",
     "diffusion.train.images=96", "diffusion.train.batch_size=16", "diffusion.train.ckpt_every_images=16",
     "diffusion.train.ema_halflife_images=32", "diffusion.train.lr=1e-3", "diffusion.sample.batch_size=8",
@@ -101,7 +101,7 @@ def test_curve_rows_plot_and_resume_after_interruption(host, tmp_path, monkeypat
     assert done_b["resumed_from"] == 64 and done_b["steps"] == 6
     rows_b = read_rows(run_b / "diffusion" / "convergence.jsonl")
     assert [(r["protocol"]["diffusion_images"], r["value"]) for r in rows_b] == [(r["protocol"]["diffusion_images"], r["value"]) for r in rows]
-    a, b = load_torch(run_a / "diffusion" / "model.pt"), load_torch(run_b / "diffusion" / "model.pt")
+    a, b = load_torch(run_a / "diffusion" / "model.safetensors"), load_torch(run_b / "diffusion" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

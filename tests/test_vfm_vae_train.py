@@ -61,7 +61,7 @@ def test_smoke_recipe_lowers_held_out_l1_and_resumes(host, tmp_path, decoder, re
         return
     # Interrupt the last stage: its final weights and the stage marker are gone, its checkpoint is
     # there. The same command skips stages 0-2 (their weights carry over) and resumes stage 3.
-    for name in ("done.json", "model.pt", "stage3-patchgan-finetune.pt"):
+    for name in ("done.json", "model.safetensors", "stage3-patchgan-finetune.safetensors"):
         (run_dir / "tokenizer" / name).unlink()
     again = Run.prepare(host, cfg)
     again.execute()

@@ -584,7 +584,9 @@ def test_open_clip_reads_torchscript_archives(host, tmp_path):
     with warnings.catch_warnings():  # TorchScript is deprecated in torch, but it is what OpenAI ships
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(model.visual), str(jit_path))
-    vfm = build_vfm(host.vfms.get("clip"), VfmConfig(name="clip", weights=str(jit_path), size="tiny"))
+    with pytest.raises(UserError, match="vfm.trust_torchscript=true"):  # loading TorchScript runs its code: refused by default
+        build_vfm(host.vfms.get("clip"), VfmConfig(name="clip", weights=str(jit_path), size="tiny"))
+    vfm = build_vfm(host.vfms.get("clip"), VfmConfig(name="clip", weights=str(jit_path), size="tiny", trust_torchscript=True))
     imgs = images(2)
     with torch.no_grad():
         final, _ = reference(normalise(imgs, vfm.spec))

@@ -151,11 +151,11 @@ def test_stream_shuffle_buffer_changes_order_not_content_and_is_seeded(shards):
 
 def test_stream_split_uses_the_run_settings(shards):
     root, ids = shards
-    cfg = DataConfig(dataset="webdataset", root=str(root), resolution=8, batch_size=6, num_workers=2, shuffle_buffer=5, seed=3)
-    batches = list(wdsplugin.stream_split(cfg, "train", epoch=1))
+    cfg = DataConfig(dataset="webdataset", root=str(root), resolution=8, num_workers=2, shuffle_buffer=5, seed=3)
+    batches = list(wdsplugin.stream_split(cfg, "train", epoch=1, batch_size=6))
     assert sorted(i for b, _, _ in batches for i in b) == sorted(ids)
     assert max(len(b) for b, _, _ in batches) == 6 and batches[0][1].shape[1:] == (3, 8, 8)
-    again = [i for b, _, _ in wdsplugin.stream_split(cfg, "train", epoch=1) for i in b]
+    again = [i for b, _, _ in wdsplugin.stream_split(cfg, "train", epoch=1, batch_size=6) for i in b]
     assert again == [i for b, _, _ in batches for i in b]  # deterministic by (seed, epoch)
 
 

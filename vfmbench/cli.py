@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +188,9 @@ def cmd_eval(args) -> int:
         if args.smoke:
             layers.append({"run": {"smoke": True}})
         cfg = resolve(layers)
+        from .preflight import check_sizes
+
+        check_sizes(cfg)
         rows = evaluate_generation(host, cfg, args.samples, args.reference)
         _print_rows(rows)
         if args.out:
@@ -210,7 +212,7 @@ def cmd_eval(args) -> int:
         print(png)
         return 0
     if not args.weights:
-        raise UserError("eval reconstruction needs --weights PATH (a tokenizer model.pt)")
+        raise UserError("eval reconstruction needs --weights PATH (a tokenizer model.safetensors written by a run)")
     sets += [f"tokenizer.weights={args.weights}", 'run.stages=["tokenizer", "recon-eval", "results"]']
     if args.smoke:
         sets.append("run.smoke=true")
@@ -328,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--topk", type=int, default=10, help="alignment: CKNNA neighbours")
     sp.add_argument("--reference-vfm", help="alignment: the reference VFM (default: the run's VFM)")
     sp.add_argument("--reference", help="generation: an ADM reference batch .npz or a folder of images")
-    sp.add_argument("--weights", help="reconstruction: tokenizer weights (model.pt of a run)")
+    sp.add_argument("--weights", help="reconstruction: tokenizer weights (model.safetensors of a run, or a .pt state dict)")
     sp.add_argument("--preset")
     sp.add_argument("--tokenizer")
     sp.add_argument("--vfm")
@@ -350,16 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .failures import report
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"vfmbench: error: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         print("vfmbench: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # one paragraph (file, what is wrong, how to fix); VFMBENCH_DEBUG=1 adds the traceback
+        return report(e)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ class RunSection:
     compile_backend: str = "inductor"  # a torch.compile backend (aot_eager to debug)
     grad_checkpointing: bool = False  # recompute heavy blocks' activations in backward (trained components must support it)
     channels_last: bool = False  # NHWC memory format for conv-heavy components that support it
+    allow_divergence: bool = False  # finish a diverged stage instead of stopping; its rows carry diverged: true (vfmbench.divergence)
+    max_skipped_fraction: float = 0.1  # a training stage diverges when more of its steps than this share are skipped
 
     def __post_init__(self) -> None:
         from .perf import check_compile, check_precision
@@ -54,7 +56,6 @@ class DataConfig:
     resolution: int = 256
     train_images: int = 0  # 0 = the whole split
     val_images: int = 0  # 0 = the whole split
-    batch_size: int = 64  # per device
     num_workers: int = 0  # DataLoader worker processes decoding images (0 = in the main process)
     seed: int = 0  # procedural datasets: generation seed
     skip_corrupt: bool = False  # skip (and count) images that cannot be decoded instead of stopping
@@ -71,6 +72,7 @@ class VfmConfig:
     input_scale: float = 0.0  # 0 = the spec's resize factor
     cache_features: str = "auto"  # auto | always | never: VFM tokens of evaluated splits cached on disk
     cache_max_gib: float = 4.0  # 'auto' caches a split only when its tokens fit in this size
+    trust_torchscript: bool = False  # read a TorchScript archive as vfm.weights (loading one runs its code; docs/security.md)
 
 
 @dataclass
@@ -205,7 +207,9 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise UserError(f"config file {str(p)!r} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -14,6 +14,10 @@ in a ``SkipCounter``:
 
 Workers (``num_workers > 0``) decode and collate whole batches; the main process only records
 skips and reassembles. ``num_workers=0`` decodes in the calling process, with the same results.
+
+``to_rgb`` is how every image decoder turns a PIL image into 8-bit RGB: high-depth images (16-bit
+grey ``I;16``, 32-bit ``I``, float ``F``) are scaled to 0..255, never clipped; 48-bit RGB PNGs
+arrive from Pillow already scaled (its most significant bytes).
 """
 from __future__ import annotations
 
@@ -29,6 +33,34 @@ from torch.utils.data import DataLoader
 from .errors import UserError
 
 ON_CORRUPT = ("raise", "replace", "drop")
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(im):
+    """A PIL image as 8-bit RGB. 16-bit modes map 0..65535 to 0..255 (rounded); 32-bit integers
+    likewise when their values fit 16 bits (how Pillow may decode a 16-bit PNG), else 0..2^32-1;
+    float images map 0..1 to 0..255 when their values lie in [0, 1], else their own min..max
+    (non-finite values become the minimum). Other modes go through ``Image.convert('RGB')``."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode not in HIGH_DEPTH_MODES:
+        return im.convert("RGB")
+    a = np.asarray(im).astype(np.float64)
+    if im.mode == "F":
+        finite = a[np.isfinite(a)]
+        lo, hi = 0.0, 1.0
+        if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+            lo, hi = float(finite.min()), float(finite.max())
+        a = np.where(np.isfinite(a), a, lo)
+    elif im.mode == "I":
+        lo = min(0.0, float(a.min()) if a.size else 0.0)
+        hi = 65535.0 if a.size and a.max() <= 65535 and lo == 0.0 else (float(a.max()) if a.size else 1.0)
+    else:
+        lo, hi = 0.0, 65535.0
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    grey = np.clip(np.rint((a - lo) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1)), "RGB")
 
 
 class CorruptImageError(UserError):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import to_rgb
 from .errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -33,7 +34,12 @@ def load_images(path: str | Path) -> tuple[torch.Tensor, str]:
         from .metrics.adm import read_samples_npz
         from .metrics.cache import file_sha256
 
-        return read_samples_npz(p), file_sha256(p)[:16]
+        try:
+            images = read_samples_npz(p)
+        except ValueError as e:  # e.g. an object array: numpy would have to unpickle it, which vfmbench never does
+            raise UserError(f"{str(p)!r} cannot be read as an ADM sample batch ({e}); pass an .npz whose arr_0 is a uint8 "
+                            "N x H x W x 3 array (object arrays are never unpickled)") from None
+        return images, file_sha256(p)[:16]
     if not p.is_dir():
         raise UserError(f"{str(p)!r} is neither a folder of images nor an .npz file")
     files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -43,7 +49,7 @@ def load_images(path: str | Path) -> tuple[torch.Tensor, str]:
     for f in files:
         try:
             with Image.open(f) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = np.asarray(to_rgb(im))
         except OSError as e:
             raise UserError(f"cannot read image {str(f)!r}: {e}") from None
         if arrays and arr.shape != arrays[0].shape:
@@ -128,7 +134,7 @@ def evaluate_alignment(host, run_dir: Path, num_images: int, topk: int, referenc
     import json
 
     from .build import BuildContext
-    from .checkpoint import load_torch, write_json
+    from .checkpoint import load_torch, weights_file, write_json
     from .config import build_dataclass, RunConfig
     from .metrics.cknna import layer_table, plot_layer_table
     from .runner import Run
@@ -136,8 +142,8 @@ def evaluate_alignment(host, run_dir: Path, num_images: int, topk: int, referenc
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (no config.json); pass a folder written by `vfmbench run`")
-    if not (run_dir / "tokenizer" / "model.pt").is_file():
-        raise UserError(f"{run_dir} has no trained tokenizer (tokenizer/model.pt); run its tokenizer stage first")
+    if not weights_file(run_dir / "tokenizer" / "model").is_file():
+        raise UserError(f"{run_dir} has no trained tokenizer (tokenizer/model.safetensors); run its tokenizer stage first")
     cfg = build_dataclass(RunConfig, json.loads(cfg_path.read_text())["config"])
     run = Run(host=host, cfg=cfg, run_dir=run_dir)
     tok = run.tokenizer()
@@ -166,7 +172,7 @@ def evaluate_alignment(host, run_dir: Path, num_images: int, topk: int, referenc
         transformed = {"tokenizer": []}
         for variant in [_noise(images, s, gen) for s in NOISE_SIGMAS] + [_rotate_scale(images, gen)]:
             transformed["tokenizer"].append((vfm_feats(variant), tok_feats(variant)))
-        model_path = run_dir / "diffusion" / "model.pt"
+        model_path = weights_file(run_dir / "diffusion" / "model")
         if model_path.is_file() and hasattr(run.diffusion_model(), "blocks"):
             model = run.diffusion_model()
             model.load_state_dict(load_torch(model_path, run.device))

@@ -66,13 +66,28 @@ def collect_rows(paths: Iterable[str | Path]) -> ResultRows:
             if not found and not failed:
                 raise UserError(f"{p} holds no results.jsonl (nor do its sub-folders); run `vfmbench run` first or pass a run directory")
             for f in found:
-                rows.extend(_with_source(read_rows(f), f.parent))
+                rows.extend(_with_source(_read(f), f.parent))
         elif p.suffix == ".jsonl" and p.is_file():
-            rows.extend(_with_source(read_rows(p), p.parent))
+            rows.extend(_with_source(_read(p), p.parent))
         elif p.suffix in (".yaml", ".yml") and p.is_file():
             rows.extend(published_rows(p))
         else:
             raise UserError(f"{p} is not a run directory, a results .jsonl or a published-numbers .yaml file")
+    return rows
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file; a line that is not a JSON row is a ``UserError`` naming the file and line."""
+    try:
+        rows = read_rows(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); it is not a results file written by vfmbench") from None
+    except ValueError as e:
+        raise UserError(f"{e}: the file is damaged; restore it, delete the line, or re-run the run's results stage "
+                        "(`vfmbench run ... --stages results`) to write it again") from None
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or not {"metric", "value", "family"} <= set(r):
+            raise UserError(f"{path}: row {i} is not a result row (it lacks metric, value or family); pass results.jsonl files written by vfmbench")
     return rows
 
 
@@ -105,10 +120,14 @@ def published_rows(path: Path) -> list[dict[str, Any]]:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
+        if not math.isfinite(v):
+            return f"{v} ⚠"  # nan / inf / -inf: not a result (ranked last)
         return f"{v:.4g}" if abs(v) < 1000 else f"{v:.1f}"
     return str(v)
+
+
+def _unrankable(value: Any) -> bool:
+    return not isinstance(value, float) or not math.isfinite(value)
 
 
 def _component(name: str, version: str) -> str:
@@ -176,15 +195,18 @@ def _table(sub: pd.DataFrame, label: str, family: str, pid: str, link_base: Path
     records: dict[tuple, dict[str, Any]] = {}
     for _, r in sub.iterrows():
         k = tuple(str(r.get(c, "")) for c in keys)
-        rec = records.setdefault(k, {c: r.get(c, "") for c in keys + extra_cols} | {"_images": r.get("images"), "_run_dir": r.get("_run_dir")})
-        rec[r["metric"]] = float(r["value"])
+        rec = records.setdefault(k, {c: r.get(c, "") for c in keys + extra_cols} | {"_images": r.get("images"), "_run_dir": r.get("_run_dir"), "_diverged": False})
+        rec[r["metric"]] = float(r["value"]) if r["value"] is not None else math.nan
+        rec["_diverged"] = rec["_diverged"] or r.get("diverged") is True
     present = [m for m in metrics]
     primary = present[0]
     for pref in ("rfid", "gfid", "probe-top1"):
         if pref in present:
             primary = pref
     sign = -1.0 if hib[primary] else 1.0
-    ordered = sorted(records.values(), key=lambda r: (sign * r.get(primary, math.inf if sign > 0 else -math.inf), str(r["run_id"])))
+    # diverged runs and non-finite values are not results: ranked after every finite value of a run that converged
+    ordered = sorted(records.values(), key=lambda r: (r["_diverged"], _unrankable(r.get(primary)),
+                                                     sign * r[primary] if not _unrankable(r.get(primary)) else 0.0, str(r["run_id"])))
     show_components = [(n, v) for n, v in COMPONENT_COLUMNS if any(str(r.get(n, "") or "") for r in ordered)]
     headers = ["#", "run"] + [n for n, _ in show_components] + [f"{m} {'↑' if hib[m] else '↓'}" for m in present] + extra_cols
     has_images = any(isinstance(r["_images"], dict) and r["_images"] for r in ordered)
@@ -192,7 +214,7 @@ def _table(sub: pd.DataFrame, label: str, family: str, pid: str, link_base: Path
         headers.append("grids")
     table = []
     for i, r in enumerate(ordered, 1):
-        line = [i, r["run_id"]] + [_component(str(r.get(n, "") or ""), str(r.get(v, "") or "")) for n, v in show_components]
+        line = [i, f"{r['run_id']} ⚠ diverged" if r["_diverged"] else r["run_id"]] + [_component(str(r.get(n, "") or ""), str(r.get(v, "") or "")) for n, v in show_components]
         line += [_fmt(r[m]) if m in r else "–" for m in present]
         line += [str(r.get(c, "") or "") for c in extra_cols]
         if has_images:
@@ -208,6 +230,9 @@ def _table(sub: pd.DataFrame, label: str, family: str, pid: str, link_base: Path
         table.append(line)
     lines.append(tabulate(table, headers=headers, tablefmt="github", disable_numparse=True))
     lines.append("")
+    if any(r["_diverged"] for r in ordered) or any(_unrankable(r.get(m)) for r in ordered for m in present if m in r):
+        lines += ["⚠ diverged: the run's training diverged (finished under `run.allow_divergence`); ⚠ after a value: not finite. "
+                  "Both are ranked last and are not results.", ""]
     return lines
 
 

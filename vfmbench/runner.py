@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, divergence, preflight
 from .build import BuildContext, build_diffusion, build_tokenizer, decoder_name, default_cache_dir, param_counts, resolve_device
-from .checkpoint import load_torch, save_torch, write_json
+from .checkpoint import load_torch, save_torch, save_weights, weights_file, write_json
 from .config import STAGES, RunConfig, config_hash
 from .dist import is_main
 from .errors import UserError
@@ -45,6 +45,7 @@ NON_RESULT_KEYS = {
     # speed and memory switches: the same run directory, so e.g. checkpointing can rescue a run that ran out of memory
     ("run", "compile"), ("run", "compile_backend"), ("run", "grad_checkpointing"), ("run", "channels_last"),
     ("data", "num_workers"), ("data", "shuffle_buffer"), ("metrics", "cache_image_features"),
+    ("run", "allow_divergence"), ("run", "max_skipped_fraction"),  # a diverged run is resumed in place when allowed
 }
 
 
@@ -130,6 +131,7 @@ def validate(host: Host, cfg: RunConfig) -> None:
             f"data.resolution={cfg.data.resolution} is not a multiple of the tokenizer's downsampling "
             f"factor {tok_downsample(host, cfg)}"
         )
+    preflight.check_config(host, cfg)  # sizes, component arguments, user files, output folders, free space
 
 
 LATENT_FILES = ("train.pt", "val.pt", "stats.pt")
@@ -193,12 +195,13 @@ class Run:
         if stages & {"tokenizer", "diffusion", "latents", "probe"}:
             self.dataset("train")
         if self.cfg.tokenizer.weights and not Path(self.cfg.tokenizer.weights).exists():
-            raise UserError(f"tokenizer.weights={self.cfg.tokenizer.weights!r} does not exist; pass a model.pt written by a previous run")
+            raise UserError(f"tokenizer.weights={self.cfg.tokenizer.weights!r} does not exist; pass a model.safetensors written by a previous run")
         spec = self.host.tokenizers.get(self.cfg.tokenizer.name)
         if spec.uses_vfm:
             self.ctx().vfm()  # resolves (and loads) the VFM weights, or fails with where it looked
         if stages & {"recon-eval", "gen-eval"}:
             self.evaluator().check_weights()
+        preflight.check_run(self)  # the tokenizer with its weights, free space for the datasets' sizes
 
     def ctx(self) -> BuildContext:
         if self._ctx is None:
@@ -278,7 +281,7 @@ class Run:
         if self._tokenizer is None:
             torch.manual_seed(self.cfg.run.seed)
             tok = build_tokenizer(self.ctx()).to(self.device)
-            model_path = self.stage_dir("tokenizer") / "model.pt"
+            model_path = weights_file(self.stage_dir("tokenizer") / "model")
             if model_path.exists():
                 self._load_tokenizer_state(tok, load_torch(model_path, self.device))
             stats = self.stage_dir("latents") / "stats.pt"
@@ -291,7 +294,13 @@ class Run:
 
     @staticmethod
     def _load_tokenizer_state(tok: Tokenizer, state: dict) -> None:
-        missing, unexpected = tok.load_state_dict(state, strict=False)
+        if not isinstance(state, dict):
+            raise UserError(f"tokenizer weights hold a {type(state).__name__}, not a state dict; pass a model.safetensors written by a run")
+        try:
+            missing, unexpected = tok.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes that differ: weights of another tokenizer or other tokenizer.args
+            raise UserError(f"tokenizer weights do not match {tok.spec.name!r} as configured ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                            "check tokenizer.args (and decoder.args) against the run that wrote them") from None
         bad_missing = [k for k in missing if not k.startswith(tok.frozen_prefixes) and not k.endswith("_extra_state")]
         if unexpected or bad_missing:
             raise UserError(
@@ -363,6 +372,13 @@ class Run:
 
     # -- stages ---------------------------------------------------------------------------------
     def execute(self) -> Path:
+        """Run the configured stages holding the run directory's lock (``vfmbench.lock``)."""
+        from .lock import lock_run_dir
+
+        with lock_run_dir(self.run_dir, log):
+            return self._execute()
+
+    def _execute(self) -> Path:
         """Run the configured stages. Under torchrun the ranks first check that they share one
         config; the stages of ``PARALLEL_STAGES`` run on every rank (training data-parallel, the
         others sharded and gathered on rank 0); the rest run on rank 0 while the others wait; only
@@ -424,7 +440,7 @@ class Run:
             info["stages"] = []
             for i, st in enumerate(stages):
                 tag = f"stage{i}-{st.name}" if len(stages) > 1 else "main"
-                final = d / f"{tag}.pt"
+                final = weights_file(d / tag)
                 tok.begin_stage(st)
                 if final.exists():  # finished earlier: carry its weights into the next stage
                     self._load_tokenizer_state(tok, load_torch(final, self.device))
@@ -437,16 +453,17 @@ class Run:
                     ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints,
                     log_every_images=tc.log_every_images, grad_accum=tc.grad_accum, log_path=d / f"train_log-{tag}.jsonl", desc=f"tokenizer {st.name}",
                     precision=self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
+                    divergence=divergence.policy(self, "tokenizer", f"tokenizer.train.lr (now {st.lr:g}) and tokenizer.train.batch_size"),
                 )
                 if is_main():
-                    save_torch(tok.weights_state(), final)
+                    save_weights(tok.weights_state(), final.with_suffix(".safetensors"))
                     plot_curves(d / f"train_log-{tag}.jsonl", d / f"curves-{tag}.png", title=f"{tok.spec.name} training ({st.name})")
                 info["stages"].append({"stage": st.name, "images": result.nimg, "steps": result.steps,
                                        "skipped_steps": result.skipped_steps, "resumed_from": result.resumed_from})
         tok.eval()
         if not is_main():
             return info
-        save_torch(tok.weights_state(), d / "model.pt")
+        save_weights(tok.weights_state(), d / "model.safetensors")
         with torch.no_grad():
             images, _ = self._image_batch("val", torch.arange(min(8, len(self.dataset("val")))))
             save_pairs(images.cpu(), tok.reconstruct(images, torch.Generator(self.device).manual_seed(0)).cpu(), d / "reconstructions.png")
@@ -605,6 +622,7 @@ class Run:
             val = self._encode_split("val", flip=False)
             if dist.is_main():
                 (z, zf, y), (zv, _, yv) = train, val
+                divergence.policy(self, "latents", "the tokenizer stage's training (tokenizer.train.lr)").check_finite("latents", (z, zf, zv))
                 save_torch({"latents": z, "flipped": zf, "labels": y}, d / "train.pt")
                 save_torch({"latents": zv, "labels": yv}, d / "val.pt")
                 both = torch.cat([z, zf]).double()
@@ -720,6 +738,7 @@ class Run:
                 ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints, log_every_images=tc.log_every_images or max(tc.batch_size, tc.images // 100),
                 grad_accum=tc.grad_accum, log_path=d / "train_log.jsonl", desc="diffusion",
                 precision=self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
+                divergence=divergence.policy(self, "diffusion", f"diffusion.train.lr (now {tc.lr:g}) and the latents' scale (latents/done.json)"),
             )
             first = first or result
             if curve is not None:
@@ -727,7 +746,7 @@ class Run:
                     curve.evaluate(result.nimg)
                 dist.barrier()
         if is_main():
-            save_torch(model.state_dict(), d / "model.pt")
+            save_weights(model.state_dict(), d / "model.safetensors")
             plot_curves(d / "train_log.jsonl", d / "curves.png", title=f"{model.spec.name} training")
         info = {"params": param_counts(model), "images": result.nimg, "steps": result.steps, "resumed_from": first.resumed_from, "skipped_steps": result.skipped_steps}
         if align is not None:
@@ -748,7 +767,7 @@ class Run:
         d.mkdir(parents=True, exist_ok=True)
         tok = self.tokenizer()
         model = self.diffusion_model()
-        model.load_state_dict(load_torch(self.stage_dir("diffusion") / "model.pt", self.device))
+        model.load_state_dict(load_torch(weights_file(self.stage_dir("diffusion") / "model"), self.device))
         model.eval()
         sc = self.cfg.diffusion.sample
         gen = torch.Generator(self.device).manual_seed(self.cfg.run.seed + 2)
@@ -765,6 +784,7 @@ class Run:
                     model, noise, y, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale, cfg_interval=tuple(sc.cfg_interval),
                     timestep_shift=sc.timestep_shift, generator=g, precision=self.cfg.sample_precision,
                 )
+                divergence.policy(self, "sample", "diffusion.train.lr and diffusion.sample settings").check_finite("sampled latents", (z,))
                 out.append(tok.decode_uint8(tok.denormalize(z)).cpu())
         parts = dist.gather_object(torch.cat(out) if out else None)
         if not dist.is_main():
@@ -823,6 +843,7 @@ class Run:
             p = self.stage_dir(stage) / "rows.jsonl"
             if p.exists():
                 rows.extend(read_rows(p))
+        rows = divergence.mark_rows(self.run_dir, rows)
         write_rows(self.run_dir / "results.jsonl", rows)
         self.host.pm.hook.results_written(run_dir=self.run_dir, rows=rows)
         return {"rows": len(rows)}

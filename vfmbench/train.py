@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from tqdm import tqdm
 
 from .checkpoint import load_latest_checkpoint, save_checkpoint, write_text
 from .interfaces import Phase
+
+if TYPE_CHECKING:
+    from .divergence import DivergencePolicy
 
 
 class IndexStream:
@@ -171,6 +174,7 @@ def train_loop(
     precision: str = "fp32",
     compile: str = "off",
     compile_backend: str = "inductor",
+    divergence: "DivergencePolicy | None" = None,
 ) -> TrainResult:
     """Train ``module`` for ``total_images`` images.
 
@@ -193,6 +197,10 @@ def train_loop(
     optimiser state stay float32; the loss is reduced and back-propagated as float32).
     ``compile`` (a ``run.compile`` mode other than 'off') compiles the module's
     ``compile_targets()`` in place with ``compile_backend`` before training (``vfmbench.perf``).
+
+    ``divergence`` (a ``vfmbench.divergence.DivergencePolicy``): the loop stops with a
+    ``DivergenceError`` at the step where the skipped steps exceed the policy's share of the planned
+    steps, and after training when a trained weight is not finite (unless the policy allows it).
     """
     from . import dist, perf
 
@@ -316,6 +324,8 @@ def train_loop(
             nimg += batch_size
             steps += 1
             bar.update(batch_size)
+            if divergence is not None:
+                divergence.after_step(skipped, steps, -(-total_images // batch_size), nimg)
             if nimg >= next_log or nimg >= total_images:
                 next_log += log_every
                 if log_file is not None and rank == 0:
@@ -335,4 +345,6 @@ def train_loop(
             for p, e in zip(ema_params, ema):
                 p.copy_(e)
     module.eval()
+    if divergence is not None:
+        divergence.at_end(module, skipped, steps, nimg)
     return TrainResult(nimg=nimg, steps=steps, skipped_steps=skipped, seconds=time.time() - t0, resumed_from=resumed_from)

@@ -134,24 +134,30 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
-def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file, a torch checkpoint (optionally under 'state_dict'/'model') or a TorchScript archive."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def refuse_torchscript(path: Path, setting: str = "") -> None:
+    """A TorchScript archive runs its own code when loaded: refused, naming the flag that trusts it."""
+    how = f"if you trust its source, pass --set {setting}=true; else" if setting else "convert it:"
+    raise UserError(
+        f"{str(path)!r} is a TorchScript archive: loading it runs the code inside it, so vfmbench does not read it by "
+        f"default. {how} load it once in a trusted Python session and save its state_dict() as safetensors "
+        "(safetensors.torch.save_file), then pass that file"
+    )
 
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:
-            raise UserError(f"{str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+def load_weight_file(path: Path, trust_torchscript: bool = False, trust_setting: str = "") -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file, a torch checkpoint (optionally under 'state_dict'/'model'),
+    read without running code (``vfmbench.checkpoint.load_torch``), or a TorchScript archive when
+    ``trust_torchscript`` (else refused: loading TorchScript runs its code)."""
+    from .checkpoint import load_torch
+
     if _is_torchscript(path):
+        if not trust_torchscript:
+            refuse_torchscript(path, trust_setting)
         with warnings.catch_warnings():  # OpenAI's CLIP .pt files are TorchScript; jit.load is their only reader
             warnings.simplefilter("ignore", FutureWarning)
             obj = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{str(path)!r} is not a safetensors, torch or TorchScript weights file ({type(e).__name__}: {e})") from None
+        obj = load_torch(path, "cpu")
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], Mapping):
@@ -255,8 +261,9 @@ class Adapter(abc.ABC):
         """The architecture with the library's random init (on the current default device)."""
 
     @abc.abstractmethod
-    def load(self, spec: VfmSpec, size: str, path: Path) -> tuple[nn.Module, list[Path]]:
-        """The model with weights from a local file or folder, and the weight files it read."""
+    def load(self, spec: VfmSpec, size: str, path: Path, trust_torchscript: bool = False) -> tuple[nn.Module, list[Path]]:
+        """The model with weights from a local file or folder, and the weight files it read; a TorchScript
+        archive only with ``trust_torchscript`` (``vfm.trust_torchscript``: reading one runs its code)."""
 
     @abc.abstractmethod
     def cached(self, spec: VfmSpec) -> tuple[Path | None, list[str]]:
@@ -324,7 +331,7 @@ class TransformersAdapter(Adapter):
         model_cls, config_cls = self._classes()
         return model_cls(config_cls(**{**arch_kwargs(spec, size), **self.config_overrides}))
 
-    def load(self, spec, size, path):
+    def load(self, spec, size, path, trust_torchscript=False):
         model_cls, config_cls = self._classes()
         try:
             if path.is_dir():
@@ -340,7 +347,7 @@ class TransformersAdapter(Adapter):
                 with torch.device("meta"):  # check names and shapes before building the real model
                     probe = self.build(spec, size)
                 shapes = {k: t.shape for k, t in probe.state_dict().items()}
-                sd = load_weight_file(path)
+                sd = load_weight_file(path, trust_torchscript=trust_torchscript, trust_setting="vfm.trust_torchscript")
                 prefix = max(("", f"{probe.base_model_prefix}."), key=lambda p: sum(k.startswith(p) and k[len(p):] in shapes for k in sd))
                 sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix):] in shapes}
                 wrong = [f"{k} {tuple(v.shape)} != {tuple(shapes[k])}" for k, v in sd.items() if v.shape != shapes[k]]
@@ -424,7 +431,7 @@ class TimmAdapter(Adapter):
         model.reset_classifier(0)
         return model
 
-    def load(self, spec, size, path):
+    def load(self, spec, size, path, trust_torchscript=False):
         import timm
 
         file = pick_weights_file(path, ("model.safetensors", "pytorch_model.bin"), "a timm weights file")
@@ -531,10 +538,10 @@ class OpenClipAdapter(Adapter):
             raise UserError(f"open_clip model {spec.model_id!r} is not a plain ViT vision tower")
         return visual
 
-    def load(self, spec, size, path):
+    def load(self, spec, size, path, trust_torchscript=False):
         file = pick_weights_file(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), "an open_clip weights file")
         visual = self.build(spec, size)
-        sd = load_weight_file(file)
+        sd = load_weight_file(file, trust_torchscript=trust_torchscript, trust_setting="vfm.trust_torchscript")
         if any(k.startswith("visual.") for k in sd):
             sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
         try:
@@ -738,7 +745,17 @@ def _check_config(spec: VfmSpec, cfg: VfmConfig) -> Adapter:
         raise UserError(f"vfm.size must be one of {', '.join(SIZES)}, got {cfg.size!r}")
     if cfg.input_scale < 0:
         raise UserError(f"vfm.input_scale must be > 0 (or 0 for the spec's {spec.input_scale}), got {cfg.input_scale}")
+    check_pretrained_flag(cfg)
     return spec.adapter
+
+
+def check_pretrained_flag(cfg: VfmConfig) -> None:
+    """``vfm.weights`` is read only for pretrained VFMs: with ``vfm.pretrained=false`` it would be ignored."""
+    if cfg.weights and not cfg.pretrained:
+        raise UserError(
+            f"vfm.weights={cfg.weights!r} is set but vfm.pretrained=false, so the file would be ignored: set "
+            "vfm.pretrained=true to load it, or remove vfm.weights for a random-init smoke run"
+        )
 
 
 def resolved_spec(spec: VfmSpec, size: str, model: nn.Module) -> VfmSpec:
@@ -764,7 +781,7 @@ def frozen_vfm(spec: VfmSpec, cfg: VfmConfig, cache_dir: str | Path | None = Non
     adapter = _check_config(spec, cfg)
     if cfg.pretrained:
         path = resolve_weights(spec, cfg, adapter)
-        model, files = adapter.load(spec, cfg.size, path)
+        model, files = adapter.load(spec, cfg.size, path, trust_torchscript=cfg.trust_torchscript)
         return _freeze(spec, cfg, model, weights_id(files, Path(cache_dir).expanduser() if cache_dir else None), str(path))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)

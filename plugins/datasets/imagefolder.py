@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vfmbench.config import DataConfig
-from vfmbench.data import CorruptImageError
+from vfmbench.data import CorruptImageError, to_rgb
 from vfmbench.errors import UserError, did_you_mean
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import DatasetSpec
@@ -124,7 +124,7 @@ class ImageFolderDataset(Dataset):
         try:
             with Image.open(path) as im:
                 im.load()
-                rgb = im.convert("RGB")
+                rgb = to_rgb(im)  # 16-bit and float images scaled, not clipped
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise CorruptImageError(repr(str(path)), f"{type(e).__name__}: {e}") from None
         arr = center_crop_arr(rgb, self.resolution)

@@ -48,7 +48,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vfmbench.config import DataConfig
-from vfmbench.data import CorruptImageError, SkipCounter
+from vfmbench.data import CorruptImageError, SkipCounter, to_rgb
 from vfmbench.errors import UserError, did_you_mean
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import DatasetSpec
@@ -163,7 +163,7 @@ def decode_image(data: bytes, resolution: int, where: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            rgb = im.convert("RGB")
+            rgb = to_rgb(im)  # 16-bit and float images scaled, not clipped
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptImageError(where, f"{type(e).__name__}: {e}") from None
     arr = center_crop_arr(rgb, resolution)
@@ -386,14 +386,14 @@ def factory(cfg: DataConfig, split: str) -> WebDatasetShards:
     return WebDatasetShards(cfg.root, split=split, resolution=cfg.resolution, max_images=n, seed=cfg.seed)
 
 
-def stream_split(cfg: DataConfig, split: str, epoch: int = 0, skips: SkipCounter | None = None):
-    """``stream`` of a split with the run's data settings (rank and world from ``vfmbench.dist``,
-    ``data.seed``, ``data.shuffle_buffer``, ``data.num_workers``, ``data.batch_size``, ``data.skip_corrupt``)."""
+def stream_split(cfg: DataConfig, split: str, epoch: int = 0, skips: SkipCounter | None = None, batch_size: int = 64):
+    """``stream`` of a split in batches of ``batch_size`` with the run's data settings (rank and world from
+    ``vfmbench.dist``, ``data.seed``, ``data.shuffle_buffer``, ``data.num_workers``, ``data.skip_corrupt``)."""
     from vfmbench import dist
 
     return factory(cfg, split).stream(
         rank=dist.rank(), world=dist.world(), seed=cfg.seed, epoch=epoch, shuffle_buffer=cfg.shuffle_buffer,
-        num_workers=cfg.num_workers, batch_size=cfg.batch_size, skip_corrupt=cfg.skip_corrupt, skips=skips,
+        num_workers=cfg.num_workers, batch_size=batch_size, skip_corrupt=cfg.skip_corrupt, skips=skips,
     )
 
 

@@ -25,7 +25,7 @@ EPOCHS_64 = 64 * IMAGENET_TRAIN
 
 BASE = {
     "run": {"smoke": False, "device": "auto", "seed": 0, "precision": "fp32"},
-    "data": {"dataset": "imagefolder", "resolution": 256, "batch_size": 64, "num_workers": 8},
+    "data": {"dataset": "imagefolder", "resolution": 256, "num_workers": 8},
     "vfm": {"size": "full", "pretrained": True},
     "diffusion": {
         "name": "flow-dit",

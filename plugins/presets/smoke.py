@@ -10,7 +10,7 @@ from vfmbench.specs import PresetSpec
 
 SMOKE = {
     "run": {"smoke": True, "device": "auto", "seed": 0},
-    "data": {"dataset": "shapes", "resolution": 64, "train_images": 2048, "val_images": 256, "batch_size": 32},
+    "data": {"dataset": "shapes", "resolution": 64, "train_images": 2048, "val_images": 256},
     "vfm": {"name": "siglip", "size": "tiny", "pretrained": False},
     "tokenizer": {
         "name": "vfm-vae",

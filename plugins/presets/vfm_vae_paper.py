@@ -40,7 +40,7 @@ STAGES = [
 
 PAPER = {
     "run": {"stages": ["tokenizer", "recon-eval", "latents", "results"]},
-    "data": {"dataset": "imagefolder", "resolution": 256, "batch_size": 64},
+    "data": {"dataset": "imagefolder", "resolution": 256},
     "vfm": {"name": "siglip2-l16-512", "size": "full", "pretrained": True, "layers": [0, 12, -1]},
     "tokenizer": {
         "name": "vfm-vae",

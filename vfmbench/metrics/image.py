@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import load_torch
 from ..errors import MissingWeightsError
 from .cache import file_sha256
 
@@ -137,7 +138,7 @@ class LpipsVgg(nn.Module):
                 h.update(v.numpy().tobytes())
             self.weights_id, self.is_official = "smoke-" + h.hexdigest()[:10], False
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_torch(path, "cpu", what="metrics.lpips_weights")
             feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")} or sd
             missing, unexpected = self.features.load_state_dict(feats, strict=False)
             if missing or unexpected:

@@ -16,6 +16,8 @@ Weights: ``resolve_inception_weights`` looks at an explicit path, then torch hub
 smoke run (``run.smoke``) generates once a deterministic He-initialised file; anything else is a
 ``MissingWeightsError``. Random weights give numbers that only test the plumbing: they are labelled
 by ``is_official = False`` (the official file's sha256 starts with 6726825d, its name says so).
+The file is read by vfmbench without running code (``safe_state_buffer``) and handed to
+torch-fidelity's extractor as an in-memory state dict; torch-fidelity never opens the user's file.
 """
 from __future__ import annotations
 
@@ -81,6 +83,24 @@ def make_smoke_inception_weights(dest: str | Path, seed: int = SMOKE_SEED) -> Pa
     return dest
 
 
+def safe_state_buffer(path: str | Path) -> io.BytesIO:
+    """The Inception state dict of ``path`` read by vfmbench without running code (safetensors, or
+    ``torch.load(weights_only=True)``), re-serialised in memory as a plain dict of tensors: what
+    torch-fidelity's extractor reads instead of the user's file (its own loader unpickles freely)."""
+    from ..checkpoint import UnreadableFileError, load_torch
+
+    state = load_torch(path, "cpu", what="Inception weights")
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise UnreadableFileError(
+            f"Inception weights file {str(path)!r} does not hold a state dict of tensors; "
+            f"download {OFFICIAL_URL} and pass its path with --set metrics.inception_weights=PATH"
+        )
+    buf = io.BytesIO()
+    torch.save({k: v.contiguous() for k, v in state.items()}, buf)
+    buf.seek(0)
+    return buf
+
+
 def resolve_inception_weights(path: str, smoke: bool, cache_dir: Path) -> tuple[Path, str, bool]:
     """(weights file, weights id = first 16 hex of its sha256, is the official file)."""
     cache_dir = Path(cache_dir)
@@ -144,7 +164,7 @@ class InceptionFeatures:
         if not inner:  # spatial only: stop the forward pass right after the 17x17 blocks
             inner.append("768")
         self._inner = inner
-        self.model = FeatureExtractorInceptionV3("inception-v3-compat", inner, feature_extractor_weights_path=str(weights_path))
+        self.model = FeatureExtractorInceptionV3("inception-v3-compat", inner, feature_extractor_weights_path=safe_state_buffer(weights_path))
         self.model.to(self.device).eval()
         self._spatial: torch.Tensor | None = None
         if "spatial" in self.features:
