@@ -444,26 +444,34 @@ def test_divergence_stops_or_is_marked_and_ranked_last(tmp_path):
 
 
 def test_two_concurrent_runs_give_one_result_and_one_refusal(tmp_path):
+    """The same command twice into one --out: the first is paused (SIGSTOP) as soon as it holds the
+    lock, so the second surely starts while the first is mid-run; it must stop at once with exit 2
+    naming the first; the first, resumed, finishes with the only result."""
+    import signal
+
     from vfmbench.lock import LOCK_NAME
 
     out = tmp_path / "runs"
-    args = ["run", *KL_TINY, "--set", 'run.stages=["tokenizer", "results"]', "--set", "tokenizer.train.images=4096",
-            "--out", str(out)]
+    args = ["run", *KL_TINY, "--set", 'run.stages=["tokenizer", "results"]', "--out", str(out)]
     first = cli(*args)
     deadline = time.time() + 600
     while not list(out.glob(f"*/{LOCK_NAME}")) and first.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert first.poll() is None, "the first run ended before the second could start"
-    second = cli(*args)
-    _, err2 = second.communicate(timeout=600)
-    still_running = first.poll() is None
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first run ended before it could be paused"
+        second = cli(*args)
+        _, err2 = second.communicate(timeout=600)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     _, err1 = first.communicate(timeout=900)
-    assert still_running, "the test needs the first run to outlast the second's start"
     assert first.returncode == 0, err1[-3000:]
     assert second.returncode == 2, err2[-3000:]
     assert "is in use by pid" in err2 and f"pid {first.pid} " in err2 and "Traceback" not in err2
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    assert (run_dir / "results.jsonl").exists() and not (run_dir / LOCK_NAME).exists()  # released on exit
+    rows = (run_dir / "results.jsonl").read_text()
+    assert json.loads((run_dir / "tokenizer" / "done.json").read_text())["stage"] == "tokenizer" and rows is not None
+    assert not (run_dir / LOCK_NAME).exists()  # released on exit
 
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path):

@@ -45,7 +45,7 @@ NON_RESULT_KEYS = {
     # speed and memory switches: the same run directory, so e.g. checkpointing can rescue a run that ran out of memory
     ("run", "compile"), ("run", "compile_backend"), ("run", "grad_checkpointing"), ("run", "channels_last"),
     ("data", "num_workers"), ("data", "shuffle_buffer"), ("metrics", "cache_image_features"),
-    ("run", "allow_divergence"), ("run", "max_skipped_fraction"),  # a diverged run is resumed in place when allowed
+    ("run", "allow_divergence"), ("run", "max_skipped_fraction"), ("vfm", "trust_torchscript"),  # a diverged run resumes in place when allowed
 }
 
 
