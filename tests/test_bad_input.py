@@ -143,7 +143,9 @@ CASES = [
     ("va-vae-released-checkpoint", ["run", *TINY, "--tokenizer", "va-vae", "--out", "{out}", "--set", "tokenizer.args.pretrained={evil_zip}"], 2, "refused"),
     ("sd-vae-ldm-file", ["run", *TINY, "--tokenizer", "sd-vae", "--out", "{out}", "--set", "tokenizer.args.pretrained={evil_legacy}"], 2, "refused"),
     ("torchscript-vfm-weights", ["run", *TINY, "--out", "{out}", "--set", "vfm.pretrained=true", "--set", "vfm.weights={torchscript}"], 2, "vfm.trust_torchscript=true"),
-    ("eval-generation-object-npz", ["eval", "generation", "{evil_npz}", "--reference", "{evil_npz}", "--smoke"], 2, "pickle"),
+    ("eval-generation-object-npz", ["eval", "generation", "{evil_npz}", "--reference", "{evil_npz}", "--smoke"], 2, "unpickled"),
+    ("eval-generation-object-reference", ["eval", "generation", "{file}", "--reference", "{evil_npz}", "--smoke"], 2, "unpickled"),
+    ("metrics-reference-object-npz", ["run", *TINY, *KL, "--out", "{out}", "--set", "metrics.reference={evil_npz}"], 2, "unpickled"),
     # -- sizes, keys and flags rejected up front (also under --dry-run)
     ("metrics-batch-size-0", ["run", *TINY, *KL, "--out", "{out}", "--set", "metrics.batch_size=0"], 2, "metrics.batch_size must be at least 1"),
     ("metrics-batch-size-0-dry", ["run", *TINY, *KL, "--out", "{out}", "--dry-run", "--set", "metrics.batch_size=0"], 2, "metrics.batch_size must be at least 1"),

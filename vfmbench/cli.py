@@ -188,9 +188,11 @@ def cmd_eval(args) -> int:
         if args.smoke:
             layers.append({"run": {"smoke": True}})
         cfg = resolve(layers)
-        from .preflight import check_sizes
+        from .preflight import check_npz, check_sizes
 
         check_sizes(cfg)
+        check_npz(args.samples, "SAMPLES")
+        check_npz(args.reference, "--reference")
         rows = evaluate_generation(host, cfg, args.samples, args.reference)
         _print_rows(rows)
         if args.out:

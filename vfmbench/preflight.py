@@ -116,6 +116,32 @@ def check_weights_header(path: str | Path, key: str, trust_torchscript: bool = F
     load_torch(p, "cpu", what=key)
 
 
+def check_npz(path: str | Path, key: str) -> None:
+    """An ``.npz`` (samples, ADM reference batch) whose arrays hold no Python objects: numpy would have
+    to unpickle those (vfmbench never does). Only the arrays' headers are read."""
+    import zipfile
+
+    import numpy as np
+
+    p = Path(path).expanduser()
+    if not (p.is_file() and p.suffix == ".npz"):
+        return
+    try:
+        with zipfile.ZipFile(p) as z:
+            for name in z.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with z.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    _, _, dtype = read(f)
+                if dtype.hasobject:
+                    raise UserError(f"{key} {str(p)!r}: array {name[:-4]!r} holds Python objects, which would have to be "
+                                    "unpickled (vfmbench never does); pass an .npz of plain numeric arrays")
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise UserError(f"{key} {str(p)!r} is not a readable .npz file ({type(e).__name__}: {e}); pass a complete file") from None
+
+
 def user_files(cfg) -> list[tuple[str, str]]:
     """(config key, path) of every weights file the config names."""
     out = [("tokenizer.weights", cfg.tokenizer.weights), ("metrics.inception_weights", cfg.metrics.inception_weights),
@@ -222,6 +248,8 @@ def check_config(host, cfg) -> Built:
     check_writable_folder(default_cache_dir(cfg), "run.cache_dir")
     for key, path in user_files(cfg):
         check_weights_header(path, key, trust_torchscript=cfg.vfm.trust_torchscript)
+    if cfg.metrics.reference:
+        check_npz(cfg.metrics.reference, "metrics.reference")
     built = build_meta(host, cfg)
     check_free_space(out, estimate_run_bytes(cfg, built, cfg.data.train_images, cfg.data.val_images))
     return built
