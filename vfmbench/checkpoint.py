@@ -118,7 +118,7 @@ def load_torch(path: str | Path, map_location: Any = "cpu", what: str = "") -> A
         from safetensors.torch import load_file
 
         try:
-            out: dict[str, Any] = load_file(str(path), device=str(map_location))
+            out: dict[str, Any] = {k: v.to(map_location) for k, v in load_file(str(path), device="cpu").items()}
             with safe_open(str(path), framework="pt") as f:
                 extra = (f.metadata() or {}).get(EXTRA_KEY)
             if extra:
