@@ -237,6 +237,18 @@ def check_free_space(folder: Path, need: dict[str, int], key: str = "run.out") -
         )
 
 
+def check_vfm_weights(host, cfg) -> None:
+    """Pretrained VFM weights are where the run will look (``vfm.weights``, else the library's cache
+    when offline); never downloads: online, a missing cache is left to the run's download."""
+    from .vfm import is_offline, resolve_weights
+
+    if not (host.tokenizers.get(cfg.tokenizer.name).uses_vfm and cfg.vfm.pretrained):
+        return
+    spec = host.vfms.get(cfg.vfm.name)
+    if spec.adapter is not None and (cfg.vfm.weights or cfg.vfm.size != "full" or is_offline()):
+        resolve_weights(spec, cfg.vfm, spec.adapter)
+
+
 def check_config(host, cfg) -> Built:
     """The checks that need neither data nor weights (``vfmbench run`` and ``--dry-run``)."""
     from .build import default_cache_dir
@@ -250,7 +262,8 @@ def check_config(host, cfg) -> Built:
         check_weights_header(path, key, trust_torchscript=cfg.vfm.trust_torchscript)
     if cfg.metrics.reference:
         check_npz(cfg.metrics.reference, "metrics.reference")
-    built = build_meta(host, cfg)
+    check_vfm_weights(host, cfg)
+    built = build_meta(host, cfg)  # last: seconds for full-size models
     check_free_space(out, estimate_run_bytes(cfg, built, cfg.data.train_images, cfg.data.val_images))
     return built
 
@@ -259,12 +272,17 @@ def check_run(run: Any) -> None:
     """``vfmbench run`` only, after ``check_config``: the free space against the datasets' real sizes,
     the tokenizer built with its weights (a released checkpoint, ``tokenizer.weights``) so that a
     missing or mismatched file stops the run before its directory exists."""
+    from .build import build_diffusion
+
     cfg = run.cfg
-    built = build_meta(run.host, cfg)
+    tok = run.tokenizer()
+    shape = tuple(tok.latent_shape(cfg.data.resolution))
+    with torch.device("meta"):
+        diff = build_diffusion(run.host, cfg, shape, run.host.datasets.get(cfg.data.dataset).num_classes or 1000)
     stages = set(cfg.run.stages)
     n_train = len(run.dataset("train")) if stages & {"tokenizer", "diffusion", "latents", "probe"} else 0
+    built = Built(tok, diff, shape)
     check_free_space(Path(cfg.run.out).expanduser().absolute(), estimate_run_bytes(cfg, built, n_train, len(run.dataset("val"))))
-    tok = run.tokenizer()
     if cfg.tokenizer.weights:
         from .checkpoint import load_torch
 
