@@ -162,6 +162,9 @@ CASES = [
     ("disk-space", ["run", *TINY, *KL, "--out", "{out}", "--set", "diffusion.sample.num_images=100000000000"], 2, "not enough free disk space"),
     ("disk-space-dry", ["run", *TINY, *KL, "--out", "{out}", "--dry-run", "--set", "diffusion.sample.num_images=100000000000"], 2, "not enough free disk space"),
     # -- weights that are missing, empty, truncated or of another model
+    ("vfm-weights-missing-dry", ["run", *TINY, "--out", "{out}", "--dry-run", "--set", "vfm.pretrained=true", "--set", "vfm.weights={out}/none"], 2, "does not exist"),
+    ("vfm-weights-offline-dry", ["run", *TINY, "--out", "{out}", "--dry-run", "--set", "vfm.pretrained=true", "--set", "vfm.size=full",
+                                 "--set", "run.smoke=false"], 2, "were not found"),
     ("sd-vae-ft-ema-offline", ["run", *TINY, "--tokenizer", "sd-vae", "--out", "{out}", "--set", "tokenizer.args.pretrained=ft-ema"], 2, "were not found"),
     ("va-vae-missing-checkpoint", ["run", *TINY, "--tokenizer", "va-vae", "--out", "{out}", "--set", "tokenizer.args.pretrained={out}/none.pt"], 2, "does not exist"),
     ("va-vae-wrong-checkpoint", ["run", *TINY, "--tokenizer", "va-vae", "--out", "{out}", "--set", "tokenizer.args.pretrained={truncated}"], 2, "truncated"),
