@@ -55,7 +55,7 @@ def test_frechet_stats_carry_a_low_rank_factor_only_when_it_helps(metrics):
 
     rng = np.random.default_rng(2)
     few, many = metrics["gfid"].stats(rng.normal(size=(6, 8))), metrics["gfid"].stats(rng.normal(size=(30, 8)) + 1)
-    assert few["factor"].shape == (6, 8) and "factor" not in many
+    assert few["factor"].shape == (5, 8) and "factor" not in many  # rank N - 1
     value = metrics["gfid"].value(few, many)
     assert isinstance(value, float)
     assert value == pytest.approx(frechet_distance(few["mu"], few["sigma"], many["mu"], many["sigma"]).value, rel=1e-7)

@@ -50,11 +50,8 @@ def _require(reference: Mapping[str, Any] | None, keys: tuple[str, ...], metric:
 
 def gaussian_stage(features: Any) -> dict[str, np.ndarray]:
     """[N, D] features (or a ``StatsAccumulator`` already fed) -> {'mu', 'sigma'} in float64, plus
-    'factor' (``low_rank_factor``) when N <= D, which makes the distance an N x N eigenproblem."""
-    if isinstance(features, StatsAccumulator):
-        mu, sigma = features.finalize()
-        return {"mu": mu, "sigma": sigma}
-    mu, sigma = gaussian_stats(features)
+    'factor' (``low_rank_factor``) when N <= D, which makes the trace term an N x N problem."""
+    mu, sigma = features.finalize() if isinstance(features, StatsAccumulator) else gaussian_stats(features)
     out = {"mu": mu, "sigma": sigma}
     factor = low_rank_factor(features)
     if factor is not None:
