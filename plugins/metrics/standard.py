@@ -11,8 +11,10 @@ Features each metric consumes (``extractor``/``feature``):
   ``val_labels`` and optionally ``recipe`` (a ``ProbeRecipe``) and ``num_classes``.
 
 ``stats(features)`` returns a dict of numpy arrays (cacheable with ``StatsCache``);
-``value(stats, reference_stats_or_None)`` returns a float (or a dict with ``value`` and extra
-protocol details, which the evaluator records with the row's protocol). Distribution metrics compare the
+``value(stats, reference_stats_or_None)`` returns a float, or a dict with ``value`` and the
+metric's own protocol fields, which the evaluator writes into the row's protocol (so rows that
+differ in them never share a leaderboard table): IS ``splits``, ``split_order``; KID ``subsets``,
+``subset_size``; precision/recall ``k``, ``reference_images``. Distribution metrics compare the
 candidate's statistics with the reference's, which are the same ``stats`` of the reference set.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from vfmbench.hookspecs import hookimpl
 from vfmbench.metrics.frechet import StatsAccumulator, frechet_distance, gaussian_stats, low_rank_factor
-from vfmbench.metrics.inception_score import inception_score
+from vfmbench.metrics.inception_score import ISC_SEED, inception_score
 from vfmbench.metrics.kid import kernel_inception_distance
 from vfmbench.metrics.precision_recall import NEIGHBOURHOOD, manifold_coverage, manifold_radii
 from vfmbench.metrics.probe import ProbeRecipe, linear_probe
@@ -74,8 +76,11 @@ def is_stage(features: Any, splits: int = 10) -> dict[str, np.ndarray]:
     return {"mean": np.float64(mean), "std": np.float64(std), "splits": np.int64(splits)}
 
 
-def is_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None = None) -> float:
-    return float(stats["mean"])
+IS_SPLIT_ORDER = f"shuffled (RandomState({ISC_SEED}).permutation), contiguous chunks"
+
+
+def is_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return {"value": float(stats["mean"]), "splits": int(stats["splits"]), "split_order": IS_SPLIT_ORDER}
 
 
 # -- KID ---------------------------------------------------------------------------------------------
@@ -87,11 +92,12 @@ def features_stage(features: Any) -> dict[str, np.ndarray]:
     return {"features": np.asarray(f, dtype=np.float64)}
 
 
-def kid_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> float:
+def kid_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> dict[str, Any]:
     """Mean unbiased MMD^2 over 100 subsets of min(1000, N_ref, N) vectors (seed 2020)."""
     ref = _require(reference, ("features",), "KID")
     size = min(KID_SUBSET_SIZE, len(ref["features"]), len(stats["features"]))
-    return kernel_inception_distance(ref["features"], stats["features"], subsets=KID_SUBSETS, subset_size=size)[0]
+    value = kernel_inception_distance(ref["features"], stats["features"], subsets=KID_SUBSETS, subset_size=size)[0]
+    return {"value": value, "subsets": KID_SUBSETS, "subset_size": int(size)}
 
 
 # -- precision / recall --------------------------------------------------------------------------
@@ -103,14 +109,18 @@ def manifold_stage(features: Any) -> dict[str, np.ndarray]:
     return {"features": f, "radii": manifold_radii(f, NEIGHBOURHOOD)}
 
 
-def precision_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> float:
+def _manifold_protocol(reference: Mapping[str, Any]) -> dict[str, Any]:
+    return {"k": NEIGHBOURHOOD, "reference_images": int(len(reference["features"]))}
+
+
+def precision_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> dict[str, Any]:
     ref = _require(reference, ("features", "radii"), "precision")
-    return manifold_coverage(stats["features"], ref["features"], ref["radii"])
+    return {"value": manifold_coverage(stats["features"], ref["features"], ref["radii"]), **_manifold_protocol(ref)}
 
 
-def recall_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> float:
+def recall_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> dict[str, Any]:
     ref = _require(reference, ("features", "radii"), "recall")
-    return manifold_coverage(ref["features"], stats["features"], stats["radii"])
+    return {"value": manifold_coverage(ref["features"], stats["features"], stats["radii"]), **_manifold_protocol(ref)}
 
 
 # -- per-image pair scores (PSNR, SSIM, LPIPS) ------------------------------------------------------
@@ -185,7 +195,7 @@ def _specs() -> list[MetricSpec]:
             name="is", description="Inception Score (torch-fidelity ISC convention: softmax of logits_unbiased, 10 shuffled splits, seed 2020)",
             family="generation", higher_is_better=True, inputs="single", extractor="inception", feature="logits",
             stats=is_stage, value=is_value,
-            protocol_fields=("dataset", "resolution", "num_images", "extractor", "extractor_weights", "splits") + GEN_PROTOCOL,
+            protocol_fields=("dataset", "resolution", "num_images", "extractor", "extractor_weights", "splits", "split_order") + GEN_PROTOCOL,
             source=INCEPTION_SOURCE, paper="Salimans et al., Improved Techniques for Training GANs, NeurIPS 2016 (arXiv:1606.03498)",
             license=INCEPTION_LICENSE, **common,
         ),
@@ -199,14 +209,14 @@ def _specs() -> list[MetricSpec]:
         MetricSpec(
             name="precision", description="Improved precision: share of samples inside the reference's k=3 nearest-neighbour manifold (Inception pool_3)",
             family="generation", higher_is_better=True, inputs="distribution", extractor="inception", feature="pool",
-            stats=manifold_stage, value=precision_value, protocol_fields=BASE_PROTOCOL + ("k",) + GEN_PROTOCOL,
+            stats=manifold_stage, value=precision_value, protocol_fields=BASE_PROTOCOL + ("k", "reference_images") + GEN_PROTOCOL,
             source=INCEPTION_SOURCE, paper="Kynkäänniemi et al., Improved Precision and Recall Metric for Assessing Generative Models, NeurIPS 2019 (arXiv:1904.06991); " + ADM_PAPER,
             license=INCEPTION_LICENSE, **common,
         ),
         MetricSpec(
             name="recall", description="Improved recall: share of reference images inside the samples' k=3 nearest-neighbour manifold (Inception pool_3)",
             family="generation", higher_is_better=True, inputs="distribution", extractor="inception", feature="pool",
-            stats=manifold_stage, value=recall_value, protocol_fields=BASE_PROTOCOL + ("k",) + GEN_PROTOCOL,
+            stats=manifold_stage, value=recall_value, protocol_fields=BASE_PROTOCOL + ("k", "reference_images") + GEN_PROTOCOL,
             source=INCEPTION_SOURCE, paper="Kynkäänniemi et al., Improved Precision and Recall Metric for Assessing Generative Models, NeurIPS 2019 (arXiv:1904.06991); " + ADM_PAPER,
             license=INCEPTION_LICENSE, **common,
         ),
