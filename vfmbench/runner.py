@@ -94,6 +94,7 @@ def validate(host: Host, cfg: RunConfig) -> None:
     """Resolve every name and argument section before anything is written."""
     from .build import component_args
     from .config import validate_args
+    from .metrics.adm import check_reference
 
     tok = host.tokenizers.get(cfg.tokenizer.name)
     validate_args(tok.config, component_args(cfg, tok.name, cfg.tokenizer.args), "tokenizer.args")
@@ -109,8 +110,7 @@ def validate(host: Host, cfg: RunConfig) -> None:
     diff = host.diffusion.get(cfg.diffusion.name)
     validate_args(diff.config, component_args(cfg, diff.name, cfg.diffusion.args), "diffusion.args")
     host.datasets.get(cfg.data.dataset)
-    if cfg.metrics.reference and not Path(cfg.metrics.reference).is_file():
-        raise UserError(f"metrics.reference={cfg.metrics.reference!r} does not exist; pass an ADM reference batch .npz (or '' for the val split)")
+    check_reference(cfg.metrics.reference, cfg.run.stages)  # the ADM reference batch, before any work (also --dry-run)
     for m in cfg.metrics.names:
         host.metrics.get(m)
     s = cfg.diffusion.sample

@@ -34,6 +34,7 @@ import math
 
 from vfmbench.config import STAGES, deep_merge
 from vfmbench.hookspecs import hookimpl
+from vfmbench.metrics.adm import ADM_IMAGENET256
 from vfmbench.specs import PresetSpec
 from vfmbench_plugins.presets.smoke import SMOKE
 from vfmbench_plugins.presets.vfm_vae_paper import PAPER as TOKENIZER_PAPER
@@ -48,7 +49,8 @@ CONVERGENCE = {"eval_every_images": EVAL_EVERY, "eval_num_images": 10_000, "eval
 BASE = deep_merge(TOKENIZER_PAPER, {
     "run": {"smoke": False, "device": "auto", "seed": 0, "precision": "fp32", "stages": list(STAGES)},
     "data": {"num_workers": 8},
-    "metrics": {"recon_images": 50_000, "batch_size": 256},
+    # gFID/sFID/IS/precision/recall against the ADM reference batch, as the paper (the run stops before any work without it)
+    "metrics": {"recon_images": 50_000, "batch_size": 256, "reference": ADM_IMAGENET256},
 })
 
 LIGHTNINGDIT_ARGS = {
