@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import hashlib
 from pathlib import Path
