@@ -72,3 +72,46 @@ def test_another_reference_set_is_another_table(host, tmp_path):
     split = _finish(host, tmp_path / "b", ["gfid"], 4)
     text = render([_gen_row(r, "adm") for r in adm] + [_gen_row(r, "split") for r in split])
     assert text.count("gfid ↓") == 2
+
+
+def _adm_inception_score(logits, split_size):
+    """The ADM evaluator's IS, from its description: softmax, consecutive chunks of split_size, mean only."""
+    x = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(x) / np.exp(x).sum(axis=1, keepdims=True)
+    scores = []
+    for i in range(0, len(p), split_size):
+        part = p[i : i + split_size]
+        kl = part * (np.log(part) - np.log(part.mean(axis=0, keepdims=True)))
+        scores.append(np.exp(kl.sum(axis=1).mean()))
+    return float(np.mean(scores))
+
+
+def test_is_split_order_adm_and_torch_fidelity(host, tmp_path):
+    """metrics.isc_split_order=consecutive gives the ADM evaluator's IS; the order is in the protocol."""
+    spec = host.metrics.get("is")
+    logits = np.random.default_rng(3).normal(size=(100, 30)) * 3
+    adm = spec.value(spec.stats(logits, splits=10, split_order="consecutive"))
+    tf = spec.value(spec.stats(logits, splits=10))
+    assert adm["value"] == pytest.approx(_adm_inception_score(logits, 10), rel=1e-12)
+    assert abs(tf["value"] - adm["value"]) > 1e-6 and adm["split_order"] != tf["split_order"]
+    with pytest.raises(ValueError, match="split order"):
+        spec.stats(logits, split_order="random")
+    cfg_rows = []
+    for order in ("shuffled", "consecutive"):
+        cfg = resolve([{"metrics": {"names": ["is"], "isc_splits": 4, "isc_split_order": order}, "run": {"smoke": True}}])
+        ev = Evaluator(host, cfg, torch.device("cpu"), tmp_path / order)
+        ev._features["logits"].append(np.random.default_rng(0).normal(size=(32, 1008)))
+        cfg_rows.append(ev.finish("generation", Reference("t:val:40", None)))
+    assert "RandomState(2020)" in cfg_rows[0][0]["protocol"]["split_order"]  # the default: torch-fidelity
+    assert cfg_rows[1][0]["protocol"]["split_order"] == "consecutive chunks, not shuffled"
+    text = render([_gen_row(r[0], o) for r, o in zip(cfg_rows, ("s", "c"))])
+    assert text.count("| is ↑") == 2
+
+
+def test_bad_metric_settings_stop_before_any_work(tmp_path, capsys):
+    from vfmbench.cli import main
+
+    out = tmp_path / "runs"
+    for setting, words in (("metrics.isc_split_order=random", "isc_split_order"), ("metrics.isc_splits=0", "isc_splits")):
+        assert main(["run", "--preset", "smoke", "--dry-run", "--set", f"run.out={out}", "--set", setting]) == 2
+        assert words in capsys.readouterr().err and not out.exists()

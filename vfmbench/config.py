@@ -138,6 +138,7 @@ class MetricsConfig:
     batch_size: int = 64
     recon_images: int = 50000  # val images reconstructed for rFID / PSNR
     isc_splits: int = 10
+    isc_split_order: str = "shuffled"  # shuffled (torch-fidelity, RandomState(2020)) | consecutive (ADM evaluator)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     cache_image_features: bool = True  # Inception/LPIPS outputs of candidate images cached by their pixels' hash
 

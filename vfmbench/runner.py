@@ -94,7 +94,7 @@ def validate(host: Host, cfg: RunConfig) -> None:
     """Resolve every name and argument section before anything is written."""
     from .build import component_args
     from .config import validate_args
-    from .metrics.adm import check_reference
+    from .metrics.preflight import check_metrics
 
     tok = host.tokenizers.get(cfg.tokenizer.name)
     validate_args(tok.config, component_args(cfg, tok.name, cfg.tokenizer.args), "tokenizer.args")
@@ -110,7 +110,7 @@ def validate(host: Host, cfg: RunConfig) -> None:
     diff = host.diffusion.get(cfg.diffusion.name)
     validate_args(diff.config, component_args(cfg, diff.name, cfg.diffusion.args), "diffusion.args")
     host.datasets.get(cfg.data.dataset)
-    check_reference(cfg.metrics.reference, cfg.run.stages)  # the ADM reference batch, before any work (also --dry-run)
+    check_metrics(cfg)  # the ADM reference batch and the IS protocol, before any work (also --dry-run)
     for m in cfg.metrics.names:
         host.metrics.get(m)
     s = cfg.diffusion.sample

@@ -25,7 +25,7 @@ import numpy as np
 
 from vfmbench.hookspecs import hookimpl
 from vfmbench.metrics.frechet import StatsAccumulator, frechet_distance, gaussian_stats, low_rank_factor
-from vfmbench.metrics.inception_score import ISC_SEED, inception_score
+from vfmbench.metrics.inception_score import SPLIT_ORDERS, inception_score
 from vfmbench.metrics.kid import kernel_inception_distance
 from vfmbench.metrics.precision_recall import NEIGHBOURHOOD, manifold_coverage, manifold_radii
 from vfmbench.metrics.probe import ProbeRecipe, linear_probe
@@ -70,17 +70,19 @@ def frechet_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None)
 # -- Inception Score -------------------------------------------------------------------------------
 
 
-def is_stage(features: Any, splits: int = 10) -> dict[str, np.ndarray]:
-    """[N, 1008] logits_unbiased -> {'mean', 'std', 'splits'} (torch-fidelity's ISC convention)."""
-    mean, std = inception_score(features, splits=splits)
-    return {"mean": np.float64(mean), "std": np.float64(std), "splits": np.int64(splits)}
-
-
-IS_SPLIT_ORDER = f"shuffled (RandomState({ISC_SEED}).permutation), contiguous chunks"
+def is_stage(features: Any, splits: int = 10, split_order: str = "shuffled") -> dict[str, np.ndarray]:
+    """[N, 1008] logits_unbiased -> {'mean', 'std', 'splits', 'shuffled'}: torch-fidelity's ISC
+    convention (``shuffled``) or the ADM evaluator's consecutive chunks (``consecutive``)."""
+    if split_order not in SPLIT_ORDERS:
+        raise ValueError(f"IS split order must be one of {sorted(SPLIT_ORDERS)}, got {split_order!r}")
+    shuffled = split_order == "shuffled"
+    mean, std = inception_score(features, splits=splits, shuffle=shuffled)
+    return {"mean": np.float64(mean), "std": np.float64(std), "splits": np.int64(splits), "shuffled": np.bool_(shuffled)}
 
 
 def is_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    return {"value": float(stats["mean"]), "splits": int(stats["splits"]), "split_order": IS_SPLIT_ORDER}
+    order = SPLIT_ORDERS["shuffled" if bool(stats.get("shuffled", True)) else "consecutive"]
+    return {"value": float(stats["mean"]), "splits": int(stats["splits"]), "split_order": order}
 
 
 # -- KID ---------------------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ def _specs() -> list[MetricSpec]:
             license=INCEPTION_LICENSE, **common,
         ),
         MetricSpec(
-            name="is", description="Inception Score (torch-fidelity ISC convention: softmax of logits_unbiased, 10 shuffled splits, seed 2020)",
+            name="is", description="Inception Score (softmax of logits_unbiased; metrics.isc_splits splits, shuffled with seed 2020 as torch-fidelity or consecutive as the ADM evaluator)",
             family="generation", higher_is_better=True, inputs="single", extractor="inception", feature="logits",
             stats=is_stage, value=is_value,
             protocol_fields=("dataset", "resolution", "num_images", "extractor", "extractor_weights", "splits", "split_order") + GEN_PROTOCOL,

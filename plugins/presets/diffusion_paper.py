@@ -49,8 +49,9 @@ CONVERGENCE = {"eval_every_images": EVAL_EVERY, "eval_num_images": 10_000, "eval
 BASE = deep_merge(TOKENIZER_PAPER, {
     "run": {"smoke": False, "device": "auto", "seed": 0, "precision": "fp32", "stages": list(STAGES)},
     "data": {"num_workers": 8},
-    # gFID/sFID/IS/precision/recall against the ADM reference batch, as the paper (the run stops before any work without it)
-    "metrics": {"recon_images": 50_000, "batch_size": 256, "reference": ADM_IMAGENET256},
+    # gFID/sFID/IS/precision/recall as the ADM evaluator: its reference batch (the run stops before any work
+    # without it) and IS over 10 consecutive chunks of the 50k samples
+    "metrics": {"recon_images": 50_000, "batch_size": 256, "reference": ADM_IMAGENET256, "isc_split_order": "consecutive"},
 })
 
 LIGHTNINGDIT_ARGS = {
