@@ -112,6 +112,7 @@ def test_bad_metric_settings_stop_before_any_work(tmp_path, capsys):
     from vfmbench.cli import main
 
     out = tmp_path / "runs"
-    for setting, words in (("metrics.isc_split_order=random", "isc_split_order"), ("metrics.isc_splits=0", "isc_splits")):
+    for setting, words in (("metrics.isc_split_order=random", "isc_split_order"), ("metrics.isc_splits=0", "isc_splits"),
+                           ("metrics.ssim_range=[0,255]", "ssim_range")):
         assert main(["run", "--preset", "smoke", "--dry-run", "--set", f"run.out={out}", "--set", setting]) == 2
         assert words in capsys.readouterr().err and not out.exists()

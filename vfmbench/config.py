@@ -139,6 +139,7 @@ class MetricsConfig:
     recon_images: int = 50000  # val images reconstructed for rFID / PSNR
     isc_splits: int = 10
     isc_split_order: str = "shuffled"  # shuffled (torch-fidelity, RandomState(2020)) | consecutive (ADM evaluator)
+    ssim_range: str = "[-1, 1]"  # SSIM's image range: [-1, 1] with data range 2 (VFM-VAE) | [0, 1] with data range 1
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     cache_image_features: bool = True  # Inception/LPIPS outputs of candidate images cached by their pixels' hash
 

@@ -231,9 +231,9 @@ def _specs() -> list[MetricSpec]:
             license="Apache-2.0", **common,
         ),
         MetricSpec(
-            name="ssim", description="SSIM per image, averaged (torchmetrics: Gaussian window 11, sigma 1.5, data range 1 on [0, 1])",
+            name="ssim", description="SSIM per image, averaged (torchmetrics: Gaussian window 11, sigma 1.5; metrics.ssim_range, VFM-VAE: [-1, 1], data range 2)",
             family="reconstruction", higher_is_better=True, inputs="pairs", extractor="pixels", feature="ssim",
-            stats=mean_stage, value=mean_value, protocol_fields=("dataset", "split", "resolution", "num_images", "data_range"),
+            stats=mean_stage, value=mean_value, protocol_fields=("dataset", "split", "resolution", "num_images", "data_range", "ssim_range"),
             source="torchmetrics functional structural_similarity_index_measure",
             paper="Wang et al., Image Quality Assessment: From Error Visibility to Structural Similarity, IEEE TIP 2004",
             license="Apache-2.0", **common,

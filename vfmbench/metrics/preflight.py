@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .adm import check_reference
+from .image import SSIM_RANGES
 from .inception_score import SPLIT_ORDERS
 
 
@@ -15,4 +16,7 @@ def check_metrics(cfg) -> None:
                         f"(torch-fidelity / ADM evaluator), got {m.isc_split_order!r}")
     if m.isc_splits < 1:
         raise UserError(f"metrics.isc_splits must be at least 1, got {m.isc_splits}")
+    if m.ssim_range not in SSIM_RANGES:
+        raise UserError(f"metrics.ssim_range must be one of {', '.join(repr(r) for r in SSIM_RANGES)} "
+                        f"(VFM-VAE: '[-1, 1]'), got {m.ssim_range!r}")
     check_reference(m.reference, cfg.run.stages)
