@@ -116,3 +116,16 @@ def test_bad_metric_settings_stop_before_any_work(tmp_path, capsys):
                            ("metrics.ssim_range=[0,255]", "ssim_range")):
         assert main(["run", "--preset", "smoke", "--dry-run", "--set", f"run.out={out}", "--set", setting]) == 2
         assert words in capsys.readouterr().err and not out.exists()
+
+
+def test_pixel_metric_rows_carry_their_declared_fields(host, tmp_path):
+    cfg = resolve([{"metrics": {"names": ["psnr", "ssim"], "ssim_range": "[0, 1]"}, "run": {"smoke": True}}])
+    ev = Evaluator(host, cfg, torch.device("cpu"), tmp_path / "cache")
+    ev._pairs["pixels/psnr"].append(np.array([20.0, 30.0]))
+    ev._pairs["pixels/ssim"].append(np.array([0.5, 0.7]))
+    rows = {r["metric"]: r for r in ev.finish("reconstruction", Reference("t:val:2", None))}
+    assert rows["psnr"]["value"] == 25.0 and rows["ssim"]["value"] == pytest.approx(0.6)
+    assert rows["ssim"]["protocol"]["ssim_range"] == "[0, 1]"
+    for name, r in rows.items():
+        missing = set(host.metrics.get(name).protocol_fields) - set(r["protocol"]) - {"dataset", "split", "resolution"}
+        assert not missing, (name, missing)

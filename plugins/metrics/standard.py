@@ -225,7 +225,7 @@ def _specs() -> list[MetricSpec]:
         MetricSpec(
             name="psnr", description="PSNR in dB per image, averaged (uint8 pairs as [0, 1] with data range 1 == [-1, 1] with data range 2)",
             family="reconstruction", higher_is_better=True, inputs="pairs", extractor="pixels", feature="psnr",
-            stats=mean_stage, value=mean_value, protocol_fields=("dataset", "split", "resolution", "num_images", "data_range"),
+            stats=mean_stage, value=mean_value, protocol_fields=("dataset", "split", "resolution", "num_images", "pixel_data_range"),
             source="torchmetrics functional peak_signal_noise_ratio",
             paper="Huynh-Thu & Ghanbari, Scope of validity of PSNR in image/video quality assessment, Electronics Letters 2008",
             license="Apache-2.0", **common,
@@ -233,7 +233,7 @@ def _specs() -> list[MetricSpec]:
         MetricSpec(
             name="ssim", description="SSIM per image, averaged (torchmetrics: Gaussian window 11, sigma 1.5; metrics.ssim_range, VFM-VAE: [-1, 1], data range 2)",
             family="reconstruction", higher_is_better=True, inputs="pairs", extractor="pixels", feature="ssim",
-            stats=mean_stage, value=mean_value, protocol_fields=("dataset", "split", "resolution", "num_images", "data_range", "ssim_range"),
+            stats=mean_stage, value=mean_value, protocol_fields=("dataset", "split", "resolution", "num_images", "pixel_data_range", "ssim_range"),
             source="torchmetrics functional structural_similarity_index_measure",
             paper="Wang et al., Image Quality Assessment: From Error Visibility to Structural Similarity, IEEE TIP 2004",
             license="Apache-2.0", **common,
