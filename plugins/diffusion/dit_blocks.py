@@ -24,6 +24,7 @@ label with probability ``label_dropout``. Draw order: t, eps, dropout mask (as `
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,18 @@ from vfmbench_plugins.diffusion.flow_dit import Attention, RMSNorm, TimestepEmbe
 SIZES = {"tiny": (128, 4, 4), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
 TIME_SAMPLINGS = ("uniform", "lognormal", "shifted")
 POS_EMBEDS = ("sincos", "none")
+
+# Reference key layout (DiT / SiT / LightningDiT / REG state dicts) -> vfmbench's, shared part; first match wins.
+REFERENCE_RENAMES = (
+    (r"^x_embedder\.proj\.", "x_embed."),
+    (r"^t_embedder\.mlp\.", "t_embed.mlp."),
+    (r"^y_embedder\.embedding_table\.", "y_embed."),
+    (r"^blocks\.(\d+)\.adaLN_modulation\.", r"blocks.\1.ada."),
+    (r"^final_layer\.norm_final\.", "final.norm."),
+    (r"^final_layer\.adaLN_modulation\.", "final.ada."),
+    (r"^final_layer\.linear\.", "final.linear."),
+)
+REFERENCE_FIXED = ("pos_embed", "feat_rope.freqs_cos", "feat_rope.freqs_sin")  # fixed tables: compared, not loaded
 
 
 @dataclass
@@ -65,6 +78,7 @@ class FlowArgs:
     beta2: float = 0.95
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
+    hflip: bool = True  # train on horizontally flipped latents half of the time (REG: false)
     # Convergence evaluation during training (the runner's diffusion stage)
     eval_every_images: int = 0  # 0 = off; else sample + gFID with the EMA weights every this many images and at the end
     eval_num_images: int = 0  # samples per evaluation; 0 = diffusion.sample.num_images
@@ -120,15 +134,16 @@ def check_args(args: FlowArgs, latent_shape: tuple[int, int, int], rope: bool) -
 def rope_2d(head_dim: int, gh: int, gw: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each [gh*gw, head_dim], for tokens in row-major order.
 
-    Channel layout of a head: [axis (row, column), half (a, b), frequency (head_dim / 4)]; the pair
-    (a_f, b_f) of an axis rotates by ``pos * theta^(-f / (head_dim / 4))``.
+    Channel layout of a head (LightningDiT's ``VisionRotaryEmbeddingFast``): the first head_dim / 2
+    channels rotate with the token's row, the last head_dim / 2 with its column; within each half the
+    adjacent pair (2f, 2f+1) rotates by ``pos * theta^(-f / (head_dim / 4))`` (interleaved pairs).
     """
     q = head_dim // 4
     freqs = theta ** (-torch.arange(q, dtype=torch.float64) / q)
     rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
-    ang_r = rows.flatten()[:, None] * freqs[None]
-    ang_c = cols.flatten()[:, None] * freqs[None]
-    ang = torch.cat([ang_r, ang_r, ang_c, ang_c], dim=1)
+    ang_r = (rows.flatten()[:, None] * freqs[None]).repeat_interleave(2, dim=1)
+    ang_c = (cols.flatten()[:, None] * freqs[None]).repeat_interleave(2, dim=1)
+    ang = torch.cat([ang_r, ang_c], dim=1)
     return ang.cos().float(), ang.sin().float()
 
 
@@ -177,9 +192,17 @@ class SwiGLU(nn.Module):
 
 
 def _norm(width: int, rms: bool) -> nn.Module:
+    """LightningDiT: RMSNorm with a learnable weight (its ``RMSNorm``); DiT/SiT: LayerNorm without affine parameters."""
     if rms:
-        return RMSNorm(width, eps=1e-6, elementwise_affine=False)
+        return RMSNorm(width, eps=1e-6, elementwise_affine=True)
     return nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+
+
+def dit_sincos(width: int, gh: int, gw: int) -> torch.Tensor:
+    """[gh*gw, width] fixed 2-D sin-cos embedding in DiT/MAE's ``get_2d_sincos_pos_embed`` order: for the
+    row-major token (r, c) the first half of the channels encodes the column c, the second half the row r."""
+    pe = sincos_2d(width, gh, gw)  # [emb(r), emb(c)]
+    return torch.cat([pe[:, width // 2:], pe[:, : width // 2]], dim=1)
 
 
 class Block(nn.Module):
@@ -188,7 +211,7 @@ class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, swiglu: bool, rmsnorm: bool):
         super().__init__()
         self.norm1 = _norm(width, rmsnorm)
-        self.attn = Attention(width, heads, qk_norm)
+        self.attn = Attention(width, heads, qk_norm, qk_layernorm=not rmsnorm)
         self.norm2 = _norm(width, rmsnorm)
         if swiglu:
             self.mlp = SwiGLU(width, mlp_ratio)
@@ -248,15 +271,16 @@ class FlowTransformer(DiffusionModel):
         self.grid = (h // p, w // p)
         self.x_embed = nn.Conv2d(c, width, kernel_size=p, stride=p)
         if args.pos_embed == "sincos":
-            self.register_buffer("pos", sincos_2d(width, *self.grid)[None], persistent=False)
+            self.register_buffer("pos", dit_sincos(width, *self.grid)[None], persistent=False)
         else:
             self.pos = None
         self.use_rope = rope
+        self.swiglu = swiglu
         if rope:
             cos, sin = rope_2d(width // heads, *self.grid)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.t_embed = TimestepEmbedder(width)
+        self.t_embed = TimestepEmbedder(width, scale=1.0)  # t in [0, 1] as the references embed it (no x1000)
         self.y_embed = nn.Embedding(num_classes + 1, width)  # last row: the null label
         self.blocks = nn.ModuleList(Block(width, heads, args.mlp_ratio, args.qk_norm, swiglu, rmsnorm) for _ in range(depth))
         self.final = FinalLayer(width, p * p * c, rmsnorm)
@@ -279,6 +303,50 @@ class FlowTransformer(DiffusionModel):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
+    # -- released checkpoints --
+    reference_renames: tuple[tuple[str, str], ...] = ()  # the subclass's own renames, tried before REFERENCE_RENAMES
+
+    def released_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """``sd`` in the reference implementation's key layout converted to this model's, or None when ``sd`` is not
+        in that layout. Its fixed tables (sin-cos ``pos_embed``, RoPE ``feat_rope.freqs_*``) must equal this model's."""
+        if "x_embedder.proj.weight" not in sd:
+            return None
+        mlp = (("w12", "fc1"), ("w3", "fc2")) if self.swiglu else (("fc1", "0"), ("fc2", "2"))  # SwiGLU / timm Mlp
+        rules = self.reference_renames + tuple((rf"^blocks\.(\d+)\.mlp\.{a}\.", rf"blocks.\1.mlp.{b}.") for a, b in mlp) + REFERENCE_RENAMES
+        out, fixed = {}, {}
+        for k, v in sd.items():
+            if k in REFERENCE_FIXED:
+                fixed[k] = v
+                continue
+            for pattern, repl in rules:
+                new, n = re.subn(pattern, repl, k)
+                if n:
+                    break
+            out[new] = v
+        self._check_fixed(fixed)
+        return out
+
+    def _check_fixed(self, fixed: dict[str, torch.Tensor]) -> None:
+        def same(name: str, ref: torch.Tensor, own: torch.Tensor | None) -> None:
+            if own is None or ref.shape != own.shape or not torch.allclose(ref.float().cpu(), own.float().cpu(), atol=1e-5, rtol=0):
+                raise UserError(f"the checkpoint's {name} differs from this model's (grid {self.grid[0]}x{self.grid[1]}, width "
+                                f"{self.width}, heads {self.heads}, pos_embed {self.args.pos_embed!r}, rope {self.use_rope}); "
+                                "check diffusion.args and the tokenizer's latent size")
+
+        if "pos_embed" in fixed:
+            ref = fixed["pos_embed"].reshape(-1, fixed["pos_embed"].shape[-1])
+            n = self.grid[0] * self.grid[1]
+            if ref.shape[0] > n and ref[: ref.shape[0] - n].abs().max() > 0:
+                raise UserError("the checkpoint's pos_embed has non-zero prefix rows (a class token position); vfmbench adds none")
+            same("pos_embed", ref[-n:], None if self.pos is None else self.pos[0])
+        elif self.pos is not None:
+            raise UserError("the checkpoint has no pos_embed but the model adds one; set diffusion.args.pos_embed=none")
+        for name, own in (("feat_rope.freqs_cos", "rope_cos"), ("feat_rope.freqs_sin", "rope_sin")):
+            if name in fixed:
+                same(name, fixed[name], getattr(self, own) if self.use_rope else None)
+            elif self.use_rope:
+                raise UserError(f"the checkpoint has no {name} (no RoPE) but the model uses RoPE; set diffusion.args.rope=false")
+
     # -- pieces of the forward pass --
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.x_embed(x).flatten(2).transpose(1, 2)
@@ -292,6 +360,11 @@ class FlowTransformer(DiffusionModel):
 
     def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.rope_cos, self.rope_sin) if self.use_rope else None
+
+    @property
+    def train_hflip(self) -> bool:
+        """Whether the runner feeds the flipped images' latents (p = 0.5) in training (``diffusion.args.hflip``)."""
+        return bool(self.args.hflip)
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         """Recompute each transformer block's activations in the backward pass (``run.grad_checkpointing``)."""

@@ -72,6 +72,13 @@ class SiT(FlowTransformer):
     the class token's width (0 otherwise).
     """
 
+    reference_renames = (  # REG/REPA SiT names (Martinser/REG models/sit.py, sihyun-yu/REPA models/sit.py)
+        (r"^final_layer\.linear_cls\.", "cls_out."),
+        (r"^cls_projectors2\.", "cls_in."),
+        (r"^wg_norm\.", "cls_norm."),
+        (r"^projectors\.0\.", "projector."),
+    )
+
     def __init__(self, args: SiTArgs, latent_shape: tuple[int, int, int], num_classes: int):
         super().__init__(args, latent_shape, num_classes, swiglu=False, rmsnorm=False, rope=False, name="sit")
         if args.align not in ALIGNS:
@@ -87,8 +94,9 @@ class SiT(FlowTransformer):
                 raise UserError("diffusion.args.proj_coeff and cls_coeff must be >= 0")
             self.projector = projector(self.width, args.projector_dim, args.align_dim)
         self.joint_dim = args.align_dim if args.align == "reg" else 0
-        if self.joint_dim:
+        if self.joint_dim:  # REG: Linear then an affine LayerNorm (cls_projectors2, wg_norm) in, linear_cls out
             self.cls_in = nn.Linear(args.align_dim, self.width)
+            self.cls_norm = nn.LayerNorm(self.width, eps=1e-6)
             self.cls_out = nn.Linear(self.width, args.align_dim)
         self.init_weights()
         if self.joint_dim:  # the untrained model predicts v = 0 for the class token too
@@ -98,7 +106,17 @@ class SiT(FlowTransformer):
     # -- forward --
     def run(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, joint: torch.Tensor | None = None,
             capture: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(v [B, C, H, W], v_cls [B, align_dim] or None, hidden states after block ``align_depth`` or None)."""
+        """(v [B, C, H, W], v_cls [B, align_dim] or None, hidden states after block ``align_depth`` or None)
+        in vfmbench's convention (t = 0 noise, v = data - noise): ``reference(x, 1 - t)`` with the
+        velocities negated."""
+        v, v_cls, hidden = self.reference(x, 1 - torch.as_tensor(t, device=x.device), labels, joint, capture)
+        return -v, (-v_cls if v_cls is not None else None), hidden
+
+    def reference(self, x: torch.Tensor, tau: torch.Tensor, labels: torch.Tensor, joint: torch.Tensor | None = None,
+                  capture: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The network in SiT/REPA/REG's own convention: ``tau`` is the noise level (1 = noise, 0 = data),
+        embedded as it is, and the velocities are noise - data (REG's ``SiT.forward``). Returns
+        (v, v_cls or None, hidden states after block ``align_depth`` or None; their projection is REG's zs)."""
         if self.joint_dim and joint is None:
             raise ValueError("sit with align='reg' models the class token jointly: pass joint=[B, align_dim], the noisy "
                              "class token at t (vfmbench.sampling.sample does this through the model's joint_dim)")
@@ -106,8 +124,8 @@ class SiT(FlowTransformer):
             raise ValueError("this sit model has no class token (align != 'reg'); do not pass joint")
         tokens = self.embed(x)
         if self.joint_dim:
-            tokens = torch.cat([self.cls_in(joint.to(tokens.dtype))[:, None], tokens], dim=1)
-        c = self.condition(t, labels, x.shape[0])
+            tokens = torch.cat([self.cls_norm(self.cls_in(joint.to(tokens.dtype)))[:, None], tokens], dim=1)
+        c = self.condition(tau, labels, x.shape[0])
         hidden = None
         for i, blk in enumerate(self.blocks, 1):
             tokens = self.run_block(blk, tokens, c)
