@@ -3,7 +3,8 @@
 A file is read safely (safetensors, or a torch checkpoint through ``torch.load(weights_only=True)``;
 nothing else is unpickled). Released checkpoints nest the state dict: LightningDiT and REG/REPA
 ``.pt`` files hold the EMA weights under ``"ema"`` (taken first), others under ``"model"``,
-``"state_dict"`` or ``"module"``; ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are
+``"state_dict"`` or ``"module"`` (an ``argparse.Namespace`` beside them, as REPA/REG save their
+arguments, is the one non-tensor type allowed); ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are
 stripped. A state dict in the reference implementation's own key layout (hustvl/LightningDiT,
 Martinser/REG and sihyun-yu/REPA ``SiT``) is converted by the model's ``released_state_dict``; a file
 written by vfmbench (``diffusion/model.pt``) loads as it is. Missing or unexpected keys and shape
@@ -16,6 +17,7 @@ and VFM-VAE); without ``diffusion.latent_stats`` the tokenizer's own statistics 
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,9 @@ def read_state_dict(path: str | Path, key: str = "diffusion.weights", nest: bool
             raise UserError(f"{key}={str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     else:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            # REPA/REG checkpoints keep their argparse Namespace under "args": a plain attribute bag, allowed
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"{key}={str(path)!r} cannot be read as a torch state dict with weights_only=True "
                             f"({type(e).__name__}: {e}); convert it to .safetensors") from None
@@ -128,3 +132,17 @@ def check_config(dc) -> None:
         raise UserError(f"diffusion.latent_stats={dc.latent_stats!r} does not exist; pass the tokenizer's latents_stats.pt or leave it empty")
     if not dc.latent_multiplier > 0:
         raise UserError(f"diffusion.latent_multiplier must be > 0 (LightningDiT's VA-VAE configs use 1.0), got {dc.latent_multiplier!r}")
+
+
+def sampling_model(host, cfg, latent_shape: tuple[int, int, int], num_classes: int, device: torch.device | str = "cpu",
+                   trained: str | Path | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The configured diffusion model in eval mode with ``diffusion.weights`` (else ``trained``, the diffusion stage's
+    model.pt) loaded: what the sample stage uses, and what a user's released checkpoint goes through."""
+    from .build import build_diffusion
+
+    path = cfg.diffusion.weights or trained
+    if not path:
+        raise UserError("no diffusion weights to sample from: set diffusion.weights or run the diffusion stage")
+    model = build_diffusion(host, cfg, latent_shape, num_classes)
+    info = load_diffusion_weights(model, path)
+    return model.to(device).eval(), info

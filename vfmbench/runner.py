@@ -752,11 +752,10 @@ class Run:
         d = self.stage_dir("sample")
         d.mkdir(parents=True, exist_ok=True)
         tok = self.tokenizer()
-        model = self.diffusion_model()
-        from .diffusion_weights import load_diffusion_weights, sample_to_latents
+        from .diffusion_weights import sample_to_latents, sampling_model
 
-        loaded = load_diffusion_weights(model, self.cfg.diffusion.weights or self.stage_dir("diffusion") / "model.pt")
-        model.eval()
+        model, loaded = sampling_model(self.host, self.cfg, tok.latent_shape(self.cfg.data.resolution), self.num_classes,
+                                       self.device, trained=self.stage_dir("diffusion") / "model.pt")
         sc = self.cfg.diffusion.sample
         gen = torch.Generator(self.device).manual_seed(self.cfg.run.seed + 2)
         labels = sample_labels(sc.num_images, self.num_classes, mode=sc.label_sampling, generator=gen).to(self.device)
