@@ -83,6 +83,7 @@ class TrainConfig:
     ckpt_every_images: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2  # the newest training checkpoints kept (resume falls back to an older one if the newest is unreadable)
     log_every_images: int = 0  # 0 = every ~1% of training
+    precision: str = ""  # this stage's training precision (fp32 | bf16 autocast); "" = run.precision
 
 
 @dataclass

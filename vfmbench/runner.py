@@ -124,6 +124,8 @@ def validate(host: Host, cfg: RunConfig) -> None:
     for section, tc in (("tokenizer", cfg.tokenizer.train), ("diffusion", cfg.diffusion.train)):
         if tc.keep_checkpoints < 1:
             raise UserError(f"{section}.train.keep_checkpoints must be at least 1 (the newest checkpoint), got {tc.keep_checkpoints}")
+        if tc.precision not in ("", "fp32", "bf16"):
+            raise UserError(f"{section}.train.precision must be fp32, bf16 or '' (run.precision), got {tc.precision!r}")
     if cfg.vfm.cache_features not in ("auto", "always", "never"):
         raise UserError(f"vfm.cache_features must be auto, always or never, got {cfg.vfm.cache_features!r}")
     if cfg.run.precision not in ("fp32", "bf16"):
@@ -439,7 +441,7 @@ class Run:
                     total_images=st.images, batch_size=tc.batch_size, ckpt_path=d / f"ckpt-{tag}.pt", seed=self.cfg.run.seed + i,
                     ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints,
                     log_every_images=tc.log_every_images, grad_accum=tc.grad_accum, log_path=d / f"train_log-{tag}.jsonl", desc=f"tokenizer {st.name}",
-                    precision=self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
+                    precision=tc.precision or self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
                 )
                 if is_main():
                     save_torch(tok.weights_state(), final)
@@ -724,7 +726,7 @@ class Run:
                 ckpt_path=d / "ckpt.pt", seed=self.cfg.run.seed + 1, ema_halflife_images=tc.ema_halflife_images,
                 ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints, log_every_images=tc.log_every_images or max(tc.batch_size, tc.images // 100),
                 grad_accum=tc.grad_accum, log_path=d / "train_log.jsonl", desc="diffusion",
-                precision=self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
+                precision=tc.precision or self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
             )
             first = first or result
             if curve is not None:
@@ -803,6 +805,7 @@ class Run:
         extra = {
             **sampler_protocol(sc), "diffusion_weights": Path(self.cfg.diffusion.weights).name if self.cfg.diffusion.weights else "trained",
             "label_sampling": sc.label_sampling, "sample_precision": self.cfg.sample_precision,
+            "diffusion_train_precision": self.cfg.diffusion.train.precision or self.cfg.run.precision,
             "diffusion_images": self.cfg.diffusion.train.images,
             "diffusion_epochs": round(self.cfg.diffusion.train.images / len(self.dataset("train")), 4),
         }
