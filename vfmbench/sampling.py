@@ -1,7 +1,8 @@
 """Samplers for velocity models on the linear path, with interval guidance and timestep shift.
 
 Convention (``vfmbench.interfaces.DiffusionModel``): t in [0, 1], t = 0 is noise and t = 1 is
-data, ``x_t = (1 - t) eps + t x``, and the model predicts ``v(x_t, t) ~ E[x - eps | x_t]``.
+data, ``x_t = (1 - t) eps + t x``, and the model predicts ``v(x_t, t) ~ E[x - eps | x_t]``
+(LightningDiT's convention; SiT/REPA/REG run the other way, their models convert internally).
 Every sampler integrates forward in t from pure noise at t = 0 to data at t = 1.
 
 Derived quantities (linear path):
@@ -10,39 +11,43 @@ Derived quantities (linear path):
   * ``x_t | x ~ N(t x, (1 - t)^2 I)``, hence the score is
     ``grad log p_t(x_t) = -E[eps | x_t] / (1 - t) = (t u - x_t) / (1 - t)``  (``score_from_velocity``).
   * For any ``g(t) >= 0`` the SDE ``dx = [u + g^2/2 * score] dt + g dW`` has the same marginals
-    as the probability-flow ODE ``dx = u dt`` (the extra drift and the diffusion cancel in the
-    Fokker-Planck equation because ``p * score = grad p``).
+    as the probability-flow ODE ``dx = u dt``.
 
-Samplers (``steps`` is the number of intervals of the time grid):
-  * ``euler``: ``x += dt * v``; one model evaluation per step.
-  * ``heun``: Heun's 2nd-order method (predictor Euler, corrector trapezoid) on every step,
-    including the last one (t = 1 is a valid input of a velocity model); two evaluations per step.
-  * ``euler-maruyama``: the SDE above with ``g(t)^2 = 2 (1 - t)``, the diffusion of REPA/REG's
-    ``euler_maruyama_sampler`` (their ``compute_diffusion`` is ``2 t`` in their reversed time),
-    which makes the drift ``u + (1 - t) * score = (1 + t) u - x`` finite up to t = 1. The grid is
-    ``linspace(0, 1 - 0.04, steps)`` followed by 1, as REG does: ``steps - 1`` stochastic steps
-    and one final deterministic step of size 0.04 that takes the drift's mean without noise
-    (SiT's ``last_step='Mean'``). One evaluation per step.
+Samplers (``steps`` is the number of intervals of the time grid, i.e. of model evaluations):
+  * ``euler``: ``x += dt * v`` on LightningDiT's float32 grid ``linspace(0, 1, steps + 1)``, shifted
+    (torchdiffeq ``odeint(method='euler')``). LightningDiT's ``num_sampling_steps = N`` is an N-point
+    grid, i.e. ``steps = N - 1`` here (its 250 = 249 Euler steps).
+  * ``heun``: Heun's 2nd-order method (predictor Euler, corrector trapezoid) on every step; two
+    evaluations per step.
+  * ``euler-maruyama``: REG's ``euler_maruyama_sampler``: diffusion ``g(t)^2 = 2 (1 - t)`` (their
+    ``2 t`` in reversed time), drift ``d = u + (1 - t) score = (1 + t) u - x``, step
+    ``x += d dt + g eps sqrt(|dt|)`` with eps drawn before the model call; the float64 grid is REG's
+    ``[linspace(1, 0.04, steps), 0]`` in reversed time, so ``steps - 1`` stochastic steps and one
+    final deterministic step of 0.04 (the drift's mean, no noise). ``sde_noise`` replays stored
+    draws; otherwise each step draws the latent's noise, then the joint vector's, from ``generator``.
 
 Classifier-free guidance: ``v = v_u + s (v_c - v_u)``, applied only when the time at which the
-model is evaluated lies in the closed interval ``cfg_interval = [t_low, t_high]`` (in this
-module's convention, t = 0 noise). Outside it the conditional velocity is used alone, as in
-LightningDiT and REG. When guidance is active the conditional and unconditional passes run as one
-batch of 2B. The same rule guides the SDE's drift because the score is affine in ``v``.
+model is evaluated lies in the closed interval ``cfg_interval = [t_low, t_high]`` (t = 0 noise);
+outside it the conditional velocity is used alone, as in LightningDiT and REG. When guidance is
+active the conditional and unconditional passes run as one batch of 2B.
+  * ``guided_channels = n > 0`` guides only the first n latent channels; the rest keep the
+    conditional velocity (LightningDiT's ``forward_with_cfg`` guides channels 0-2 only).
+  * ``joint_cfg_scale`` is the joint vector's own scale (REG's ``cls_cfg_scale``; <= 0: conditional).
+  * REG guides the SDE drift rather than the velocity. Both halves share x and t and the drift is
+    affine in v with slope (1 + t) per element, so guiding the drift equals guiding the velocity.
   * LightningDiT "CFG interval start 0.125" (its t = 0 is noise too): ``cfg_interval=[0.125, 1]``.
   * REG / REPA "guidance interval [0, 0.8]" (their t = 1 is noise): ``cfg_interval=[0.2, 1]``.
 
-Timestep shift (LightningDiT's ``time_shifting_factor``): a uniform grid ``t`` is mapped to
-``t' = t / (shift + (1 - shift) t)``. Written with the noise level ``sigma = 1 - t`` this is
-SD3's shift, ``sigma' = shift * sigma / (1 + (shift - 1) sigma)``: ``shift > 1`` spends more
-steps at high noise, ``shift < 1`` (LightningDiT's 0.3) more steps near the data; 1 is the identity.
-The guidance interval is compared with the shifted times, i.e. the times the model sees.
+Timestep shift (LightningDiT's ``timestep_shift``): a grid point ``t`` becomes
+``t' = s t / (1 + (s - 1) t)``; fixes 0 and 1, identity at s = 1; ``s < 1`` (LightningDiT's 0.3)
+packs the points near the noise end (t = 0). The guidance interval is compared with the shifted
+times, i.e. the times the model sees.
 
 Joint sampling (REG): a model with ``joint_dim > 0`` also samples a vector of that width (REG's
 class token) along the same path. Its initial noise is ``joint_noise`` or is drawn from
 ``generator``; latent and vector are integrated as one flat state with the same sampler and grid,
-and the model is called as ``model(x, t, labels, joint=e)``, returning ``(v, v_e)``, so guidance
-acts on both. Only the latents are returned unless ``return_joint=True``.
+and the model is called as ``model(x, t, labels, joint=e)``, returning ``(v, v_e)``. Only the
+latents are returned unless ``return_joint=True``.
 """
 from __future__ import annotations
 

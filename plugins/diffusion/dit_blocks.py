@@ -1,23 +1,29 @@
 """Pieces shared by the ``lightningdit`` and ``sit`` diffusion plugins (a module, not a plugin).
 
 ``FlowTransformer`` is a DiT skeleton on the latent grid: strided-conv patchify (patch 1 or 2),
-optional fixed 2-D sin-cos position embedding, timestep and class embeddings summed into the
+optional fixed 2-D sin-cos position embedding (DiT's order: column half first), sinusoidal timestep
+embedding of t as it is (no x1000), timestep and class embeddings summed into the
 conditioning vector ``c`` (the null label is ``num_classes``), ``depth`` adaLN-Zero blocks and a
 final adaLN layer, unpatchified back to [B, C, H, W]. The blocks are configurable:
 
-* norm: ``LayerNorm`` (DiT/SiT) or ``RMSNorm`` (LightningDiT), both without affine parameters
-  since adaLN supplies the scale and shift;
+* norm: ``LayerNorm`` without affine parameters (DiT/SiT) or ``RMSNorm`` with a learnable weight
+  (LightningDiT's, also in the final layer);
 * feed-forward: GELU(tanh) MLP of width ``mlp_ratio * width`` or SwiGLU with hidden width
   ``int(2/3 * mlp_ratio * width)`` (the same parameter count: 3072 at width 1152);
-* attention: ``F.scaled_dot_product_attention`` with optional RMS QK-norm over the head dimension
-  and optional 2-D rotary embedding (half of each head's channels rotate with the row index,
-  half with the column index; extra prefix tokens such as REG's class token are not rotated).
+* attention: ``F.scaled_dot_product_attention`` with optional QK-norm over the head dimension
+  (RMSNorm with weight for LightningDiT, timm's LayerNorm with weight and bias for SiT) and
+  optional 2-D rotary embedding (LightningDiT's layout: the first half of each head's channels
+  rotates with the row index, the second half with the column index, in adjacent pairs; extra
+  prefix tokens such as REG's class token are not rotated).
+
+``released_state_dict`` converts a reference implementation's state dict (LightningDiT, SiT, REPA,
+REG key names) to this layout for ``diffusion.weights`` (``vfmbench.diffusion_weights``).
 
 Zero-initialised modulation and output layers make the untrained model predict v = 0.
 
 Training noise (``draw_training_noise``), with t = 0 noise and t = 1 data as everywhere in vfmbench:
 ``uniform`` t ~ U[0, 1]; ``lognormal`` t = sigmoid(mean + std n), n ~ N(0, 1); ``shifted``
-t = u / (s + (1 - s) u), u ~ U[0, 1] (``vfmbench.sampling.shift_time``; s < 1 favours the data
+t = s u / (1 + (s - 1) u), u ~ U[0, 1] (``vfmbench.sampling.shift_time``; s < 1 favours the noise
 end). ``time_sampling_until_images`` > 0 switches to ``uniform`` once that many training images
 have been seen (LightningDiT's log-normal-then-uniform schedule). Labels are replaced by the null
 label with probability ``label_dropout``. Draw order: t, eps, dropout mask (as ``flow-dit``).
@@ -72,7 +78,7 @@ class FlowArgs:
     time_sampling: str = "uniform"  # uniform | lognormal | shifted
     lognormal_mean: float = 0.0
     lognormal_std: float = 1.0
-    time_shift: float = 1.0  # 'shifted' sampling: t = u / (s + (1 - s) u)
+    time_shift: float = 1.0  # 'shifted' sampling: t = s u / (1 + (s - 1) u)
     time_sampling_until_images: int = 0  # > 0: switch to uniform after this many images (0 = never)
     beta1: float = 0.9
     beta2: float = 0.95
