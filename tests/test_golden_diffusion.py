@@ -246,3 +246,16 @@ def test_sampler_protocol_records_guided_channels_and_shift():
     p = sampler_protocol(cfg.diffusion.sample)
     assert p["guided_channels"] == 3 and p["timestep_shift"] == 0.3 and p["cfg_interval"] == [0.125, 1.0]
     assert sampler_protocol(resolve([{}]).diffusion.sample)["guided_channels"] == "all"
+
+
+def test_bad_diffusion_settings_stop_before_any_work(host, tmp_path):
+    from vfmbench.runner import validate
+
+    for over, match in (({"weights": str(tmp_path / "none.pt")}, "diffusion.weights"),
+                        ({"latent_stats": str(tmp_path / "none.pt")}, "diffusion.latent_stats"),
+                        ({"latent_multiplier": 0.0}, "latent_multiplier"),
+                        ({"sample": {"guided_channels": -1}}, "guided_channels"),
+                        ({"train": {"precision": "fp16"}}, "diffusion.train.precision")):
+        with pytest.raises(UserError, match=match):
+            validate(host, resolve([{"diffusion": over}]))
+    assert not any(tmp_path.iterdir())
