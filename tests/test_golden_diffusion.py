@@ -160,10 +160,18 @@ def test_reg_euler_maruyama_replay(reg, cfg):
     guide = dict(cfg_scale=st["cfg_scale"], joint_cfg_scale=st["cls_cfg_scale"],
                  cfg_interval=(1 - st["guidance_high"], 1 - st["guidance_low"])) if cfg else {}
     traj: list = []
-    z = sample(reg, s["z"].double(), s["y"], sampler="euler-maruyama", steps=steps, joint_noise=s["cls_z"].double(),
-               sde_noise=(s["noise_x"], s["noise_cls"]), trajectory=traj, **guide)
+    calls: list = []
+    hook = reg.register_forward_pre_hook(lambda mod, args: calls.append((args[0].shape[0], args[1][0].item(), args[0].dtype)))
+    try:
+        z = sample(reg, s["z"].double(), s["y"], sampler="euler-maruyama", steps=steps, joint_noise=s["cls_z"].double(),
+                   sde_noise=(s["noise_x"], s["noise_cls"]), trajectory=traj, **guide)
+    finally:
+        hook.remove()
     key = "cfg" if cfg else "nocfg"
     assert z.dtype == torch.float64
+    # one model call per step, in float32, batched 2B exactly where REG guides (t_REG <= 0.8), at REG's times
+    assert [c[0] for c in calls] == s[f"model_batch_{key}"].tolist() and {c[2] for c in calls} == {torch.float32}
+    torch.testing.assert_close(1 - torch.tensor([c[1] for c in calls]), s[f"t_model_{key}"], atol=1e-7, rtol=0)
     torch.testing.assert_close(z, s[f"sample_{key}"], atol=1e-4, rtol=0)
     # the state at every model call (the trajectory's points but the last)
     torch.testing.assert_close(torch.stack(traj[:-1]).float(), s[f"states_x_{key}"], atol=1e-4, rtol=0)

@@ -120,7 +120,7 @@ PRESETS = {
     ),
     "reg-sit-xl1-paper": (
         "VFM-VAE tokenizer + REG SiT-XL/1 (DINOv2-B REPA + class token), the paper's recipe (800k steps at batch 1024, no flips, "
-        "SDE-250, CFG 4.0 on latent and class token for REG t <= 0.8)",
+        "trained fp32 where REG uses fp16 mixed precision; SDE-250, CFG 4.0 on latent and class token for REG t <= 0.8)",
         deep_merge(BASE, REG),
     ),
     "lightningdit-smoke": ("smoke preset with a tiny LightningDiT in the paper recipe's shape (CPU, labelled smoke)", deep_merge(SMOKE, LIGHTNINGDIT_SMOKE)),
