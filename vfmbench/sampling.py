@@ -369,7 +369,7 @@ def sampler_protocol(sc) -> dict[str, Any]:
             "cfg_scale": o["cfg_scale"], "cfg_interval": list(o["cfg_interval"]), "timestep_shift": o["timestep_shift"],
             "time_shift_formula": "s*t/(1+(s-1)*t), t=0 noise",
             "guided_channels": o["guided_channels"] or "all",
-            "joint_cfg_scale": o["cfg_scale"] if o["joint_cfg_scale"] is None else o["joint_cfg_scale"],
+            "joint_cfg_scale": "cfg_scale" if o["joint_cfg_scale"] is None else o["joint_cfg_scale"],  # REG's class token
             "grid": "float64 1-[linspace(1,0.04,steps),0]" if o["sampler"] == "euler-maruyama" else "float32 linspace(0,1,steps+1)"}
 
 
