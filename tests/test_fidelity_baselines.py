@@ -286,3 +286,12 @@ def test_vfm_mean_std_and_interpolation_match_the_library_configs(host):
             assert spec.resolution == lib["size"], spec.name
         checked += 1
     assert checked >= 17
+
+
+def test_sd_vae_decoder_is_the_ldm_decoder_without_post_quant_conv():
+    # the VFM-VAE ablation's "SD-VAE-style baseline" decoder (Table D) at the f16d32 width of the ablation
+    from vfmbench_plugins.decoders.sd_vae_decoder import SdVaeDecoderArgs, build
+
+    with torch.device("meta"):
+        dec = build(SdVaeDecoderArgs(), 32, 16)
+    assert count(dec) == ldm_decoder(128, [1, 1, 2, 2, 4], 2, set(), 32) - (32 * 32 + 32) == 38_262_659
