@@ -295,3 +295,32 @@ def test_sd_vae_decoder_is_the_ldm_decoder_without_post_quant_conv():
     with torch.device("meta"):
         dec = build(SdVaeDecoderArgs(), 32, 16)
     assert count(dec) == ldm_decoder(128, [1, 1, 2, 2, 4], 2, set(), 32) - (32 * 32 + 32) == 38_262_659
+
+
+# ---------------------------------------------------------------------------------------------
+# va-vae: the VF loss, written again in the reference's layout (LightningDiT vavae contperceptual.py:
+# flatten [B, C, h*w], normalise over C, per-image position x position cosine matrices, margins, and the
+# adaptive weight ||grad nll|| / (||grad vf|| + 1e-4) clamped to [0, 1e8], times vf_weight)
+
+
+def test_vf_loss_and_adaptive_weight_equal_the_reference_formulation():
+    import torch.nn.functional as F
+
+    from vfmbench_plugins.losses import adaptive_weight, vf_loss
+
+    g = torch.Generator().manual_seed(5)
+    z, f = torch.randn(3, 24, 4, 5, generator=g), torch.randn(3, 24, 4, 5, generator=g)
+    f = f + 0.8 * z  # correlated, so both hinges are partly active
+    ours, _ = vf_loss(z, f, margin_dm=0.25, margin_cos=0.5, weight_dm=1.0, weight_cos=1.0)
+    zn, fn = F.normalize(z.flatten(2), dim=1), F.normalize(f.flatten(2), dim=1)
+    dm = F.relu((torch.einsum("bci,bcj->bij", zn, zn) - torch.einsum("bci,bcj->bij", fn, fn)).abs() - 0.25).mean()
+    mc = F.relu(1 - 0.5 - F.cosine_similarity(f, z)).mean()
+    assert 0 < float(dm) and 0 < float(mc)
+    assert torch.allclose(ours, dm + mc, rtol=1e-6, atol=1e-7)
+
+    w = torch.randn(6, 4, generator=g, requires_grad=True)
+    x = torch.randn(5, 4, generator=g)
+    rec, other = (x @ w.T).abs().sum(), (x @ w.T).pow(2).mean()
+    lam = adaptive_weight(rec, other, w, 0.1)
+    g_rec, g_other = torch.autograd.grad(rec, w, retain_graph=True)[0], torch.autograd.grad(other, w)[0]
+    assert torch.allclose(lam, 0.1 * torch.clamp(g_rec.norm() / (g_other.norm() + 1e-4), 0.0, 1e8))
