@@ -324,3 +324,25 @@ def test_vf_loss_and_adaptive_weight_equal_the_reference_formulation():
     lam = adaptive_weight(rec, other, w, 0.1)
     g_rec, g_other = torch.autograd.grad(rec, w, retain_graph=True)[0], torch.autograd.grad(other, w)[0]
     assert torch.allclose(lam, 0.1 * torch.clamp(g_rec.norm() / (g_other.norm() + 1e-4), 0.0, 1e8))
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper presets report the reference sizes (what a user sees before a GPU run)
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("paper-sd-vae", {"tokenizer": 83_653_863}),
+    ("paper-va-vae", {"decoder": 41_418_659, "tokenizer_trainable": 28_417_408 + 41_418_659 + 32 * 1024}),
+    ("paper-rae", {"decoder": 415_056_640, "tokenizer_trainable": 415_056_640}),
+])
+def test_paper_preset_dry_run_reports_reference_parameter_counts(preset, expected, tmp_path, capsys, monkeypatch):
+    import json
+
+    from vfmbench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--preset", preset, "--dry-run", "--json", "--set", "metrics.reference=''", "--out", str(tmp_path / "runs")]) == 0
+    comp = json.loads(capsys.readouterr().out)["components"]
+    got = {"tokenizer": comp["tokenizer"]["total"], "tokenizer_trainable": comp["tokenizer"]["trainable"], "decoder": comp.get("decoder", {}).get("total")}
+    assert {k: got[k] for k in expected} == expected
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
