@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import UserError
 
-LIST_KINDS = ("tokenizers", "vfms", "decoders", "diffusion", "datasets", "metrics", "presets")
+LIST_KINDS = ("tokenizers", "vfms", "decoders", "diffusion", "datasets", "metrics", "presets", "stages")
 DEFAULT_PRESET = "smoke"
 
 
@@ -81,6 +81,12 @@ def cmd_list(args) -> int:
     elif args.kind == "tokenizers":
         rows = [[s.name, f"f{s.downsample}d{s.latent_channels}", "yes" if s.uses_vfm else "no", s.default_decoder or "fixed", s.description] for s in reg]
         headers = ["name", "latent", "frozen VFM", "decoder", "description"]
+    elif args.kind == "stages":
+        from .planner import stage_order
+
+        rows = [[s.name, ", ".join(s.needs), ", ".join(s.produces), "all ranks" if s.parallel else "rank 0", reg.owner(s.name), s.description]
+                for s in (reg.get(n) for n in stage_order(host))]
+        headers = ["name (plan order)", "needs", "produces", "runs on", "plugin", "description"]
     else:
         rows = [[s.name, ", ".join(s.aliases), s.version, s.description] for s in reg]
         headers = ["name", "aliases", "version", "description"]
@@ -107,7 +113,7 @@ def resolve_run_config(host, preset: str | None, config_file: str | None, sets: 
             layers.append({section: {key: value}})
     for s in sets:
         layers.append(parse_set(s))
-    return resolve(layers)
+    return resolve(layers, host.stages.names())
 
 
 def _stages(value: str | None) -> list[str] | None:
@@ -134,6 +140,9 @@ def cmd_run(args) -> int:
             from .dryrun import format_report
 
             print(format_report(report))
+        blocked = [s for s in report["plan"]["steps"] if s["action"] == "blocked"]
+        if blocked:
+            raise UserError("the run cannot start: " + "; ".join(f"stage {s['stage']!r} {s['why']}" for s in blocked))
         return 0
     from . import dist
     from .runner import Run
@@ -300,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", help="YAML file composed over the preset")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable), e.g. data.resolution=128")
     sp.add_argument("--out", help="parent folder of run directories (default: runs)")
-    sp.add_argument("--stages", help="comma-separated subset of: tokenizer,recon-eval,latents,probe,diffusion,sample,gen-eval,results")
-    sp.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, build no weights, train nothing")
+    sp.add_argument("--stages", help="comma-separated stages to run (default: every registered stage; `vfmbench list stages`), "
+                    "e.g. tokenizer,recon-eval,latents,probe,diffusion,sample,gen-eval,results")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan (run, skip, blocked and why), the resolved config and parameter counts; build no weights, train nothing")
     sp.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     sp.set_defaults(func=cmd_run)
 

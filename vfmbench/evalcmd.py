@@ -131,7 +131,7 @@ def evaluate_alignment(host, run_dir: Path, num_images: int, topk: int, referenc
     from .checkpoint import load_torch, write_json
     from .config import build_dataclass, RunConfig
     from .metrics.cknna import layer_table, plot_layer_table
-    from .runner import Run
+    from .context import RunContext
 
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -139,7 +139,7 @@ def evaluate_alignment(host, run_dir: Path, num_images: int, topk: int, referenc
     if not (run_dir / "tokenizer" / "model.pt").is_file():
         raise UserError(f"{run_dir} has no trained tokenizer (tokenizer/model.pt); run its tokenizer stage first")
     cfg = build_dataclass(RunConfig, json.loads(cfg_path.read_text())["config"])
-    run = Run(host=host, cfg=cfg, run_dir=run_dir)
+    run = RunContext(host=host, cfg=cfg, run_dir=run_dir)
     tok = run.tokenizer()
     ref_cfg = cfg.vfm
     if reference_vfm:
@@ -151,7 +151,7 @@ def evaluate_alignment(host, run_dir: Path, num_images: int, topk: int, referenc
     ref = build_vfm(host.vfms.get(ref_cfg.name), ref_cfg, cache_dir=BuildContext(host=host, config=cfg).cache_dir).to(run.device)
     ds = run.dataset("val")
     n = min(num_images, len(ds))
-    images, _ = run._image_batch("val", torch.arange(n))
+    images, _ = run.image_batch("val", torch.arange(n))
     gen = torch.Generator().manual_seed(cfg.run.seed)
 
     def vfm_feats(x):

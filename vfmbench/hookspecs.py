@@ -44,5 +44,10 @@ def register_presets(register):
 
 
 @hookspec
+def register_stages(register):
+    """Register run stages: call ``register(StageSpec(...))`` once per stage (see ``vfmbench.specs.StageSpec``)."""
+
+
+@hookspec
 def results_written(run_dir, rows):
     """Called after a run wrote ``results.jsonl``: ``run_dir`` is a ``pathlib.Path``, ``rows`` a list of dicts."""

@@ -32,6 +32,7 @@ REGISTRATION_HOOKS = {
     "register_datasets": "datasets",
     "register_metrics": "metrics",
     "register_presets": "presets",
+    "register_stages": "stages",
 }
 
 
@@ -84,6 +85,10 @@ class Host:
     @property
     def presets(self) -> Registry:
         return self.registries["presets"]
+
+    @property
+    def stages(self) -> Registry:
+        return self.registries["stages"]
 
     def versions(self) -> dict[str, str]:
         return {n: p.version for n, p in sorted(self.plugins.items())}

@@ -152,6 +152,38 @@ class PresetSpec(Spec):
     kind = "preset"
 
 
+@dataclass(frozen=True)
+class StageSpec(Spec):
+    """A stage of a run: ``run(ctx) -> info`` (``vfmbench.context.RunContext``; ``info`` is a JSON-able
+    dict written into the stage's ``done.json``). The planner orders stages by artifacts:
+
+    ``needs``     artifacts that must exist before the stage runs: produced by a stage planned
+                  earlier in this invocation, or by a stage already done in the run directory;
+                  otherwise the stage is *blocked* and the run stops before any work (exit 2).
+    ``produces``  artifacts the stage makes (``tokenizer``, ``latents``, ``diffusion``, ``samples``,
+                  ``rows``: a ``rows.jsonl`` in the stage folder). Several stages may produce ``rows``.
+    ``uses``      artifacts read when present: ordering only (after every planned producer), never blocking.
+    ``parallel``  True: every rank runs it under torchrun (data-parallel or sharded, gathered on
+                  rank 0); False: rank 0 runs it while the other ranks wait.
+    ``rerun``     True: runs again even when done (e.g. ``results``, which only collects).
+    ``order``     tie-break among stages ready at the same time (lower first; built-ins 10..80, results 1000).
+    ``done_marker`` the file in the stage folder that marks it finished (written by the runner).
+    ``factory`` is unused (stages are functions); ``run`` is the stage.
+    """
+
+    needs: tuple[str, ...] = ()
+    produces: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    parallel: bool = False
+    rerun: bool = False
+    order: int = 100
+    done_marker: str = "done.json"
+    run: Callable[[Any], dict[str, Any]] | None = None
+    factory: Callable[..., Any] = lambda: None
+
+    kind = "stage"
+
+
 KINDS: dict[str, type[Spec]] = {
     "tokenizers": TokenizerSpec,
     "vfms": VfmSpec,
@@ -160,4 +192,5 @@ KINDS: dict[str, type[Spec]] = {
     "datasets": DatasetSpec,
     "metrics": MetricSpec,
     "presets": PresetSpec,
+    "stages": StageSpec,
 }
