@@ -34,6 +34,11 @@ def register_datasets(register):
 
 
 @hookspec
+def register_extractors(register):
+    """Register feature extractors: call ``register(ExtractorSpec(...))`` once per extractor."""
+
+
+@hookspec
 def register_metrics(register):
     """Register metrics: call ``register(MetricSpec(...))`` once per metric."""
 

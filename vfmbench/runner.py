@@ -163,6 +163,8 @@ class Run:
             raise UserError(f"tokenizer.weights={self.cfg.tokenizer.weights!r} does not exist; pass a model.pt written by a previous run")
         if self.host.tokenizers.get(self.cfg.tokenizer.name).uses_vfm:
             self.ctx.vfm()  # resolves (and loads) the VFM weights, or fails with where it looked
+        if any({"tokenizer"} & {*self.host.stages.get(s).needs, *self.host.stages.get(s).produces} for s in stages):
+            self.ctx.tokenizer()  # the factory's errors (its arguments, the weights of its parts) before config.json
         if stages & {"recon-eval", "gen-eval"}:
             self.ctx.evaluator().check_weights()
 

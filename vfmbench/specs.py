@@ -111,6 +111,28 @@ class DatasetSpec(Spec):
 
 
 @dataclass(frozen=True)
+class ExtractorSpec(Spec):
+    """A feature extractor. ``factory(cfg, features, device, cache_dir) -> extractor`` builds it for the
+    ``features`` (a subset of ``features`` here) the selected metrics read.
+
+    ``inputs``: ``images`` (a candidate or reference set: ``extractor(images)`` of uint8 NCHW ->
+    ``{feature: float array [N, ...]}``) or ``pairs`` (``extractor(images, recon)`` -> ``{feature:
+    per-image scores [N]}``). ``features`` names every output it can give; a metric names one of
+    them (``MetricSpec.extractor``/``feature``), checked when plugins load.
+
+    The built extractor carries ``weights_id`` (str, written into the protocol and cache keys),
+    ``is_official`` (False labels every value that uses it ``smoke``), ``protocol`` (dict added to
+    the rows' protocol) and optionally ``cache_name`` (the on-disk feature caches' key; default the
+    spec name).
+    """
+
+    inputs: str = "images"
+    features: tuple[str, ...] = ()
+
+    kind = "extractor"
+
+
+@dataclass(frozen=True)
 class MetricSpec(Spec):
     """A metric as pure stages: features -> ``stats`` -> ``value``.
 
@@ -190,6 +212,7 @@ KINDS: dict[str, type[Spec]] = {
     "decoders": DecoderSpec,
     "diffusion": DiffusionSpec,
     "datasets": DatasetSpec,
+    "extractors": ExtractorSpec,
     "metrics": MetricSpec,
     "presets": PresetSpec,
     "stages": StageSpec,
