@@ -33,7 +33,8 @@ class Spec:
 
 @dataclass(frozen=True)
 class VfmSpec(Spec):
-    """A frozen vision foundation model. ``factory(spec, vfm_config) -> Vfm``.
+    """A frozen vision foundation model. ``factory(spec, vfm_config, cache_dir) -> Vfm`` (``build_vfm``
+    calls it; the built-in ``vfmbench.vfm.frozen_vfm`` builds through ``adapter``; docs/vfms.md).
 
     Preprocessing is data: images are resized by ``input_scale`` (the paper feeds 256 px to
     SigLIP2-L/16 upsampled x2 to 512) with ``interpolation`` and normalised by ``mean``/``std``.
@@ -41,10 +42,10 @@ class VfmSpec(Spec):
     """
 
     family: str = ""
-    library: str = ""  # timm | transformers | open_clip
+    library: str = ""  # timm | transformers | open_clip | torchvision | ...: named in missing-weights messages
     model_id: str = ""  # hub id / architecture name in that library
     patch_size: int = 16
-    resolution: int = 224  # native input resolution
+    resolution: int = 224  # native input resolution (px); build_vfm's one-width check feeds one image of this size
     input_scale: float = 1.0
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
