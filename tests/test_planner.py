@@ -81,6 +81,16 @@ def test_plan_skips_done_stages_and_blocks_unmet_needs(host, tmp_path):
     check_plan(plan)
 
 
+def test_config_provided_tokenizer_unblocks_evaluation(host, tmp_path):
+    from vfmbench.config import RunConfig
+
+    trained = resolve([parse_set("tokenizer.train.images=64")])
+    assert make_plan(host, ["recon-eval", "results"], tmp_path, trained).steps[0].action == "blocked"
+    for cfg in (resolve([parse_set("tokenizer.train.images=64"), parse_set("tokenizer.weights=/w/model.pt")]), RunConfig()):
+        plan = make_plan(host, ["recon-eval", "latents", "probe", "results"], tmp_path, cfg)  # loaded or untrained: defined by the config
+        assert [s.action for s in plan.steps] == ["run"] * 4
+
+
 def test_need_without_producer_names_the_missing_plugin(tmp_path):
     host = _host(_spec("text-eval", needs=["ocr-model"], produces=["rows"]))
     plan = make_plan(host, ["text-eval"], tmp_path)

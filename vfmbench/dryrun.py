@@ -20,7 +20,7 @@ def dry_run(host: Host, cfg: RunConfig) -> dict[str, Any]:
 
     validate(host, cfg)
     cfg = resolve_stages(host, cfg)
-    plan = make_plan(host, cfg.run.stages, Path(cfg.run.out) / run_name(host, cfg))
+    plan = make_plan(host, cfg.run.stages, Path(cfg.run.out) / run_name(host, cfg), cfg)
     tok_spec = host.tokenizers.get(cfg.tokenizer.name)
     ctx = BuildContext(host=host, config=cfg, meta=True)
     with torch.device("meta"):

@@ -76,11 +76,14 @@ def requested_stages(host: Host, stages: list[str]) -> list[str]:
     return stage_order(host, [host.stages.canonical(s) for s in stages] if stages else None)
 
 
-def make_plan(host: Host, stages: list[str], run_dir: Path) -> Plan:
-    """The plan of ``stages`` (already requested/ordered) against what ``run_dir`` holds."""
+def make_plan(host: Host, stages: list[str], run_dir: Path, cfg: Any = None) -> Plan:
+    """The plan of ``stages`` (already requested/ordered) against what ``run_dir`` holds; with
+    ``cfg``, artifacts the config provides (``StageSpec.provided``) count as available."""
     reg = host.stages
     done = {s.name for s in reg if (run_dir / s.name / s.done_marker).exists()}
     available = {a for s in reg if s.name in done for a in s.produces}
+    if cfg is not None:
+        available |= {a for s in reg if s.name not in stages and s.provided is not None and s.provided(cfg) for a in s.produces}
     steps = []
     for name in stages:
         spec = reg.get(name)

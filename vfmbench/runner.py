@@ -138,7 +138,7 @@ class Run:
         cfg = resolve_stages(host, cfg)
         run_dir = Path(cfg.run.out) / run_name(host, cfg)
         ctx = RunContext(host=host, cfg=cfg, run_dir=run_dir, device=resolve_device(cfg.run.device))
-        plan = make_plan(host, cfg.run.stages, run_dir)
+        plan = make_plan(host, cfg.run.stages, run_dir, cfg)
         check_plan(plan)
         run = cls(host=host, cfg=cfg, run_dir=run_dir, ctx=ctx, plan=plan)
         run._preflight()

@@ -191,6 +191,9 @@ class StageSpec(Spec):
     ``rerun``     True: runs again even when done (e.g. ``results``, which only collects).
     ``order``     tie-break among stages ready at the same time (lower first; built-ins 10..80, results 1000).
     ``done_marker`` the file in the stage folder that marks it finished (written by the runner).
+    ``provided``  ``provided(cfg) -> reason``: non-empty when the config itself supplies this stage's
+                  artifacts (``tokenizer.weights``, an untrained tokenizer), so that stages needing
+                  them are not blocked when this one is neither requested nor done.
     ``factory`` is unused (stages are functions); ``run`` is the stage.
     """
 
@@ -201,6 +204,7 @@ class StageSpec(Spec):
     rerun: bool = False
     order: int = 100
     done_marker: str = "done.json"
+    provided: Callable[[Any], str] | None = None
     run: Callable[[Any], dict[str, Any]] | None = None
     factory: Callable[..., Any] = lambda: None
 

@@ -57,9 +57,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
     return info
 
 
+def provided(cfg) -> str:
+    """Without this stage, the tokenizer is still defined when it is loaded or not trained."""
+    if cfg.tokenizer.weights:
+        return "tokenizer.weights"
+    return "an untrained tokenizer (tokenizer.train.images=0)" if cfg.tokenizer.train.images <= 0 else ""
+
+
 SPEC = StageSpec(
     name="tokenizer", description="train the tokenizer (or load tokenizer.weights); writes tokenizer/model.pt",
-    produces=("tokenizer",), parallel=True, order=10, run=run,
+    produces=("tokenizer",), parallel=True, order=10, provided=provided, run=run,
 )
 
 
