@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -657,6 +658,10 @@ class VfmVae(Tokenizer):
             raise UserError(f"the released checkpoint does not match tokenizer.args/decoder.args: {len(wrong)} tensors differ, e.g. {wrong[:3]}")
         mapped = {k: v.reshape(own[k].shape) if k in own else v for k, v in mapped.items()}
         keep = {k: v for k, v in own.items() if k.startswith(("disc.", "latent_")) or (k not in mapped and k.endswith("noise_const"))}
+        if "vf_proj.weight" not in mapped:  # the released stage-3 file (use_vf_loss=False) has no VF projector
+            keep["vf_proj.weight"] = own["vf_proj.weight"]
+            print("[vfmbench] the released VFM-VAE weights hold no VF projector (ldm_adapter.linear_proj): "
+                  "keeping the model's own vf_proj (used only by the VF alignment loss in training)", file=sys.stderr, flush=True)
         return super().load_state_dict({**keep, **mapped}, strict=strict, assign=assign)
 
 
