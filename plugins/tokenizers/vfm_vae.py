@@ -353,7 +353,8 @@ class VfmVae(Tokenizer):
             init_head(m)
         self.decoder = decoder
         self.disc = nn.ModuleDict({
-            "projected": ProjectedDiscriminator(disc_embed_dim, args.disc_hooks, args.disc_resolution, args.disc_crop_p, args.disc_diffaug),
+            "projected": ProjectedDiscriminator(disc_embed_dim, args.disc_hooks, args.disc_resolution, args.disc_crop_p, args.disc_diffaug,
+                                               interpolation=vfm.spec.interpolation),  # the generator VFM's resize mode
             "patchgan": MultiScalePatchGan(args.patchgan_ndf, args.patchgan_layers, args.patchgan_scales),
         })
         self.disc.requires_grad_(False)  # trained only inside its own phase
@@ -592,7 +593,7 @@ class VfmVae(Tokenizer):
             if st.feature_matching > 0:
                 with torch.no_grad():
                     real_feats = self.disc["patchgan"](target)
-                fm = feature_matching_loss([f[:-1] for f in real_feats], [f[:-1] for f in fake_feats])
+                fm = feature_matching_loss(real_feats, fake_feats)
                 total = total + st.feature_matching * fm
                 logs["feature_matching"] = float(fm.detach())
         values = {k: float(v.detach()) for k, v in terms.items()}
