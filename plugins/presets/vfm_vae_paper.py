@@ -51,7 +51,7 @@ PAPER = {
     "component_args": {
         "vfm-vae": {
             "latent_channels": 32, "downsample": 16, "compress_width": 64, "decompress_width": 512, "mlp_ratio": 2.0,
-            "betas": [0.0, 0.99], "disc_vfm": "dinov2-s14", "disc_hooks": [0, 3, 6, 9, 12], "disc_resolution": 224,
+            "betas": [0.0, 0.99], "disc_vfm": "dino-s16", "disc_hooks": [0, 3, 6, 9, 12], "disc_resolution": 224,
             "safe_loss_factor": 10.0, "safe_loss_warmup_images": 50_000, "stages": STAGES,
         },
         "vfm-vae-decoder": {

@@ -21,6 +21,7 @@ state dict, optionally under ``G_ema``) load through ``tokenizer.weights`` (``RE
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -78,8 +79,8 @@ class VfmVaeArgs:
     mlp_ratio: float = 2.0  # GeGLU hidden width / output width in every attention projection
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])  # Adam betas of both phases
     # Projected discriminator on a frozen ViT (any VFM plugin; the paper uses DINO v1 ViT-S/16).
-    disc_vfm: str = "dinov2-s14"
-    disc_vfm_weights: str = ""  # local weights of the discriminator ViT; else its library cache
+    disc_vfm: str = "dino-s16"
+    disc_vfm_weights: str = ""  # local weights (file or folder) of the discriminator ViT, as vfm.weights; else its library cache
     disc_hooks: list[int] = field(default_factory=lambda: [0, 3, 6, 9, 12])  # hidden states: 0 = embedding, k = block k
     disc_resolution: int = 224
     disc_crop_p: float = 0.5  # probability of a random crop (instead of a resize) for larger images
@@ -667,6 +668,65 @@ class VfmVae(Tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
+# Discriminator settings (checked when the tokenizer is built: a run's preflight builds it on the
+# meta device, so bad values stop the run before anything is written)
+
+
+@contextlib.contextmanager
+def disc_errors(args: VfmVaeArgs):
+    """Re-raise a VFM error about the discriminator backbone naming it and its own settings."""
+    try:
+        yield
+    except UserError as e:
+        msg = str(e).replace("`--set vfm.weights=PATH`", "`--set tokenizer.args.disc_vfm_weights=PATH`")
+        msg = msg.replace("vfm.weights=", "tokenizer.args.disc_vfm_weights=")
+        raise type(e)(f"discriminator backbone (tokenizer.args.disc_vfm={args.disc_vfm!r}): {msg}") from None
+
+
+def trains_gan(args: VfmVaeArgs, cfg) -> bool:
+    """Whether this run trains the tokenizer with a stage that uses the projected discriminator."""
+    from vfmbench.build import tokenizer_is_trained
+
+    stages = args.stages or [StageArgs()]
+    return "tokenizer" in cfg.run.stages and tokenizer_is_trained(cfg) and any(s.gan > 0 for s in stages)
+
+
+def check_disc_settings(args: VfmVaeArgs, spec, disc_cfg, backbone, gan: bool, locate: bool) -> None:
+    """Hooks, resolution, crop probability and weights of the projected discriminator. A local
+    weights path must exist. With ``locate`` (a run's preflight; not a dry run) and a stage that
+    trains with the discriminator, weights are located, never read: without a local path, a tiny
+    backbone has none and, offline, the library cache must hold them."""
+    from pathlib import Path
+
+    from vfmbench.errors import MissingWeightsError
+    from vfmbench.vfm import is_offline
+
+    name = f"the discriminator backbone {spec.name!r} ({disc_cfg.size}, {backbone.num_blocks} blocks)"
+    hooks = [int(h) for h in args.disc_hooks]
+    if not hooks or any(not 0 <= h <= backbone.num_blocks for h in hooks):
+        raise UserError(f"tokenizer.args.disc_hooks={args.disc_hooks} must be a non-empty list of hidden-state indices of {name}: "
+                        f"0..{backbone.num_blocks} (0 = patch embedding, k = output of block k)")
+    if args.disc_resolution < backbone.patch_size:
+        raise UserError(f"tokenizer.args.disc_resolution={args.disc_resolution} is smaller than one {backbone.patch_size} px patch of {name}")
+    if not 0.0 <= args.disc_crop_p <= 1.0:
+        raise UserError(f"tokenizer.args.disc_crop_p={args.disc_crop_p} is a probability: give a value in [0, 1]")
+    if args.disc_vfm_weights and not Path(args.disc_vfm_weights).expanduser().exists():
+        raise MissingWeightsError(f"tokenizer.args.disc_vfm_weights={args.disc_vfm_weights!r} ({name}) does not exist; "
+                                  f"pass an existing file or folder ({spec.adapter.how_to_fetch(spec)})")
+    if not (locate and gan and disc_cfg.pretrained) or args.disc_vfm_weights:
+        return
+    if disc_cfg.size != "full":
+        raise MissingWeightsError(f"{name} at size {disc_cfg.size!r} has no published weights: pass your own with "
+                                  "`--set tokenizer.args.disc_vfm_weights=PATH`, or use `--set vfm.pretrained=false` for a smoke run")
+    if is_offline():
+        found, looked = spec.adapter.cached(spec)
+        if found is None:
+            raise MissingWeightsError(
+                f"pretrained weights of {name} were not found (looked in: {'; '.join(looked)}; offline). Fetch them "
+                f"({spec.adapter.how_to_fetch(spec)}) and pass `--set tokenizer.args.disc_vfm_weights=PATH`")
+
+
+# ---------------------------------------------------------------------------------------------
 # Factory
 
 
@@ -694,13 +754,18 @@ def build(args: VfmVaeArgs, ctx) -> VfmVae:
     if not args.eq_latent_scales or not all(0 < s <= 1 for s in args.eq_latent_scales + args.eq_image_scales):
         raise UserError("tokenizer.args.eq_latent_scales must be non-empty and every equivariance scale must lie in (0, 1]")
     decoder = ctx.decoder(args.decompress_width, args.downsample, default="vfm-vae-decoder")
-    disc_spec = ctx.host.vfms.get(args.disc_vfm)
-    disc_cfg = VfmConfig(name=args.disc_vfm, size=cfg.vfm.size, pretrained=cfg.vfm.pretrained, weights=args.disc_vfm_weights)
-    meta_backbone = build_vfm(disc_spec, disc_cfg, meta=True)  # the heads' width, without reading weights
+    with disc_errors(args):
+        disc_spec = ctx.host.vfms.get(args.disc_vfm)
+        # local weights are always used; else the discriminator follows vfm.pretrained (random init only in smoke runs)
+        disc_cfg = VfmConfig(name=args.disc_vfm, size=cfg.vfm.size, pretrained=cfg.vfm.pretrained or bool(args.disc_vfm_weights),
+                             weights=args.disc_vfm_weights)
+        meta_backbone = build_vfm(disc_spec, disc_cfg, meta=True)  # the heads' width, without reading weights
+    check_disc_settings(args, disc_spec, disc_cfg, meta_backbone, trains_gan(args, cfg), locate=ctx.preflight or not ctx.meta)
     device = ctx.device
 
     def make_disc_backbone():
-        return build_vfm(disc_spec, disc_cfg, cache_dir=ctx.cache_dir)
+        with disc_errors(args):
+            return build_vfm(disc_spec, disc_cfg, cache_dir=ctx.cache_dir)
 
     def make_lpips(dev):
         from vfmbench.metrics.image import LpipsVgg
