@@ -370,10 +370,11 @@ class VfmVae(Tokenizer):
 
     # -- encoder side ---------------------------------------------------------------------------
     def _vfm_tokens(self, images: torch.Tensor, image_scale: float = 1.0):
+        """The VFM taps; ``image_scale`` < 1 (image-space equivariance) first downscales the image by it
+        (antialiased), then the VFM's own resize applies: two resizes, as the reference encoder does."""
         want = sorted(set(self.layers) | {-1})
-        scale = None if image_scale == 1.0 else self.vfm.input_scale * image_scale
         with torch.no_grad():
-            return self.vfm(images, want, scale=scale)
+            return self.vfm(images, want, pre_scale=image_scale)
 
     def _posterior(self, out) -> DiagonalGaussian:
         gh, gw = out.grid
