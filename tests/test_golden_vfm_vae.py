@@ -200,4 +200,5 @@ def test_eval_reconstruction_cli_loads_and_reconstructs_the_released_file(tmp_pa
     assert {"psnr", "lpips", "ssim", "rfid"} <= set(rows)
     assert all(r["label"] == "smoke" for r in rows.values())
     assert 5.0 < rows["psnr"]["value"] < 60.0  # a real reconstruction, not a blank image
+    assert rows["psnr"]["protocol"]["eval_transform"] == "dataset-native"  # shapes draws its own images
     assert "no VF projector" in capfd.readouterr().err

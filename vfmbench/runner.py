@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, transforms
 from .build import BuildContext, build_diffusion, build_tokenizer, decoder_name, default_cache_dir, param_counts, resolve_device
 from .checkpoint import load_torch, save_torch, write_json
 from .config import STAGES, RunConfig, config_hash
@@ -109,6 +109,7 @@ def validate(host: Host, cfg: RunConfig) -> None:
     diff = host.diffusion.get(cfg.diffusion.name)
     validate_args(diff.config, component_args(cfg, diff.name, cfg.diffusion.args), "diffusion.args")
     host.datasets.get(cfg.data.dataset)
+    transforms.check_names(cfg.data)
     if cfg.metrics.reference and not Path(cfg.metrics.reference).is_file():
         raise UserError(f"metrics.reference={cfg.metrics.reference!r} does not exist; pass an ADM reference batch .npz (or '' for the val split)")
     for m in cfg.metrics.names:
@@ -189,7 +190,7 @@ class Run:
     def _preflight(self) -> None:
         """Everything that can fail on bad input, before the run directory exists."""
         stages = set(self.cfg.run.stages)
-        self.dataset("val")
+        transforms.check_dataset(self.cfg.data, self.dataset("val"))
         if stages & {"tokenizer", "diffusion", "latents", "probe"}:
             self.dataset("train")
         if self.cfg.tokenizer.weights and not Path(self.cfg.tokenizer.weights).exists():
@@ -301,7 +302,7 @@ class Run:
                 "check tokenizer.args against the run that wrote them"
             )
 
-    def _image_batch(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_batch(self, split: str, idx: torch.Tensor, view: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The images and labels of some indices, in order and always all of them: a corrupt image
         stops the run naming the file, or under ``data.skip_corrupt`` is replaced by the next index
         that decodes (training batches keep their size; exact resume stays exact)."""
@@ -310,13 +311,14 @@ class Run:
         loaders = getattr(self, "_batch_loaders", None)
         if loaders is None:
             loaders = self._batch_loaders = {}
-        if split not in loaders:
+        key = split if view is None or view is self.dataset(split) else f"{split}:{view.cache_id}"  # a transformed view: its own loader
+        if key not in loaders:
             d = self.cfg.data
-            loaders[split] = BatchLoader(
-                self.dataset(split), split=split, num_workers=worker_count(d.num_workers),
+            loaders[key] = BatchLoader(
+                self.dataset(split) if key == split else view, split=split, num_workers=worker_count(d.num_workers),
                 on_corrupt="replace" if d.skip_corrupt else "raise", skips=self.data_skips(), pin_memory=self.device.type == "cuda",
             )
-        images, labels = loaders[split].load([int(i) for i in idx])
+        images, labels = loaders[key].load([int(i) for i in idx])
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _iter_split(self, split: str, n: int, desc: str, shard: bool = False):
@@ -424,6 +426,7 @@ class Run:
             tc = self.cfg.tokenizer.train
             stages = tok.training_stages(tc.images, tc.lr)
             info["stages"] = []
+            train = transforms.training_view(self.dataset("train"), self.cfg.data)  # data.train_transform
             for i, st in enumerate(stages):
                 tag = f"stage{i}-{st.name}" if len(stages) > 1 else "main"
                 final = d / f"{tag}.pt"
@@ -434,7 +437,7 @@ class Run:
                     continue
                 torch.manual_seed(self.cfg.run.seed + i)
                 result = train_loop(
-                    tok, tok.training_phases(st.lr), lambda idx: self._image_batch("train", idx), len(self.dataset("train")),
+                    tok, tok.training_phases(st.lr), lambda idx: self._image_batch("train", idx, train), len(train),
                     total_images=st.images, batch_size=tc.batch_size, ckpt_path=d / f"ckpt-{tag}.pt", seed=self.cfg.run.seed + i,
                     ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints,
                     log_every_images=tc.log_every_images, grad_accum=tc.grad_accum, log_path=d / f"train_log-{tag}.jsonl", desc=f"tokenizer {st.name}",
@@ -476,7 +479,7 @@ class Run:
         # the first n images of the val split's cached features (the gFID reference reads the same cache)
         n_val = len(self.dataset("val"))
         reference = ev.dataset_reference(self.val_reference_key(n_val), self._val_reference_shard(n_val), take=n)
-        rows = ev.finish("reconstruction", reference)
+        rows = ev.finish("reconstruction", reference, extra_protocol=transforms.protocol(self.dataset("val")))
         first = next((f for f in dist.gather_object(first) or [] if f is not None), None)
         if not dist.is_main():
             return {}
