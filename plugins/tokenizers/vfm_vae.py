@@ -787,8 +787,8 @@ def register_tokenizers(register):
             description="Frozen VFM encoder + attention-projection KL latent head + VFM-VAE decoder, four-stage recipe (Bi et al. 2025)",
             factory=build,
             config=VfmVaeArgs,
-            version="2",
-            source="https://github.com/tianciB/VFM-VAE (re-implemented from the paper's description)",
+            version="3",  # 3: the reference's discriminator (DINO v1, class-token readout, cutout 0.2, FM weight) and equivariance resize
+            source="https://github.com/tianciB/VFM-VAE @ b3a752a (re-implemented; generator checked against its golden outputs)",
             paper="Bi et al. 2025, Vision Foundation Models Can Be Good Tokenizers for Latent Diffusion Models (arXiv 2510.18457)",
             license="Apache-2.0",
             latent_channels=32,
