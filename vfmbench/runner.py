@@ -198,10 +198,10 @@ class Run:
         spec = self.host.tokenizers.get(self.cfg.tokenizer.name)
         if spec.uses_vfm:
             self.ctx().vfm()  # resolves (and loads) the VFM weights, or fails with where it looked
-        with torch.device("meta"):  # the tokenizer's own argument checks, on the meta device (nothing read or written)
-            build_tokenizer(BuildContext(host=self.host, config=self.cfg, meta=True, preflight=True))
         if stages & {"recon-eval", "gen-eval"}:
             self.evaluator().check_weights()
+        with torch.device("meta"):  # the tokenizer's own argument checks, on the meta device (nothing read or written)
+            build_tokenizer(BuildContext(host=self.host, config=self.cfg, meta=True, preflight=True))
 
     def ctx(self) -> BuildContext:
         if self._ctx is None:
