@@ -202,3 +202,17 @@ def test_eval_reconstruction_cli_loads_and_reconstructs_the_released_file(tmp_pa
     assert 5.0 < rows["psnr"]["value"] < 60.0  # a real reconstruction, not a blank image
     assert rows["psnr"]["protocol"]["eval_transform"] == "dataset-native"  # shapes draws its own images
     assert "no VF projector" in capfd.readouterr().err
+
+
+def test_a_release_with_another_vfm_tower_is_reported(host, tmp_path, capfd):
+    """The file's own SigLIP tower (ignored: the VFM comes from vfm.weights) is compared with the
+    loaded VFM: identical here (nothing said), one changed tensor is reported on stderr."""
+    capfd.readouterr()
+    load_released(host, GOLD / "generator.safetensors")
+    assert "frozen VFM differs" not in capfd.readouterr().err
+    state = load_file(str(GOLD / "generator.safetensors"))
+    key = "vfm_encoder.encoder.vision_model.post_layernorm.weight"
+    state[key] = state[key] + 0.1
+    save_file(state, str(tmp_path / "other-tower.safetensors"))
+    load_released(host, tmp_path / "other-tower.safetensors")
+    assert "frozen VFM differs from vfm 'siglip2-l16-512'" in capfd.readouterr().err

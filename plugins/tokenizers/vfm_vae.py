@@ -640,6 +640,23 @@ class VfmVae(Tokenizer):
         return loss, logs
 
     # -- released weights -----------------------------------------------------------------------
+    def _compare_vfm_tower(self, state: Mapping[str, Any]) -> None:
+        """The released file carries the authors' frozen VFM under ``vfm_encoder.encoder.vision_model.``
+        (SigLIP2); the model uses the VFM plugin's weights instead. Where the names meet, say on stderr
+        if they differ (another checkpoint than the one the tokenizer was trained with)."""
+        prefix = "vfm_encoder.encoder.vision_model."
+        model = getattr(self.vfm, "model", None)
+        mine = model.state_dict() if isinstance(model, nn.Module) else {}
+        pairs = [(k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in mine]
+        if not pairs or mine[pairs[0][0]].device.type == "meta":
+            return
+        differ = [k for k, v in pairs if v.shape != mine[k].shape or not torch.equal(v.to(mine[k]), mine[k])]
+        if differ:
+            print(f"[vfmbench] the released VFM-VAE file's frozen VFM differs from vfm {self.vfm.spec.name!r} "
+                  f"(weights {self.vfm.weights_id}) in {len(differ)} of {len(pairs)} shared tensors, e.g. {differ[:2]}: "
+                  "the latents will not match the release; pass the authors' VFM with --set vfm.weights=PATH",
+                  file=sys.stderr, flush=True)
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Also accepts the authors' generator checkpoint (a state dict, or a dict with ``G_ema``):
         keys are renamed by ``RELEASED_KEY_MAP``; parts the release does not hold (discriminator,
@@ -652,6 +669,7 @@ class VfmVae(Tokenizer):
         exponents = getattr(self.decoder, "exponents", None)
         if exponents is None:
             raise UserError("released VFM-VAE weights need the paper's decoder: use --decoder vfm-vae-decoder")
+        self._compare_vfm_tower(state)
         mapped, unknown = convert_released(state, injection_rules(exponents, [int(i) for i in self.decoder.inject]))
         if unknown:
             raise UserError(f"the released checkpoint has {len(unknown)} keys no mapping rule knows, e.g. {unknown[:4]}")
