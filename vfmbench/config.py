@@ -15,12 +15,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 from .errors import UserError, did_you_mean
 
+# The built-in stages (vfmbench.stages), in plan order; plugins may register more.
 STAGES = ("tokenizer", "recon-eval", "latents", "probe", "diffusion", "sample", "gen-eval", "results")
 
 
@@ -31,7 +32,7 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16: autocast of training forwards, encoding and decoding (docs/performance.md)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=list)  # [] = every registered stage (vfmbench.planner)
     cache_dir: str = ""  # features, reference statistics, smoke weights; default ~/.cache/vfmbench
     smoke: bool = False  # random-init weights are allowed; every number is labelled 'smoke'
     tf32: bool = False  # TF32 tensor cores for float32 matmuls and convolutions (CUDA, Ampere and later)
@@ -60,6 +61,9 @@ class DataConfig:
     seed: int = 0  # procedural datasets: generation seed
     skip_corrupt: bool = False  # skip (and count) images that cannot be decoded instead of stopping
     shuffle_buffer: int = 1000  # webdataset streaming: encoded samples in each worker's shuffle buffer (0 = shard order)
+    train_transform: str = "adm-center-crop"  # images a tokenizer trains on: adm-center-crop | vfm-vae-random-crop (vfmbench.transforms)
+    eval_transform: str = "adm-center-crop"  # the val split: adm-center-crop | resize-center-crop (a protocol field of reconstruction rows)
+    min_short_side: int = 0  # tokenizer training: only images whose short side is at least this (VFM-VAE: 256); 0 = all
 
 
 @dataclass
@@ -85,6 +89,7 @@ class TrainConfig:
     ckpt_every_images: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2  # the newest training checkpoints kept (resume falls back to an older one if the newest is unreadable)
     log_every_images: int = 0  # 0 = every ~1% of training
+    precision: str = ""  # this stage's training precision (fp32 | bf16 autocast); "" = run.precision
 
 
 @dataclass
@@ -108,7 +113,9 @@ class SampleConfig:
     steps: int = 250
     cfg_scale: float = 1.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    timestep_shift: float = 1.0
+    timestep_shift: float = 1.0  # LightningDiT's s: t' = s t / (1 + (s - 1) t), t = 0 noise (s < 1: more steps near noise)
+    guided_channels: int = 0  # CFG on the first n latent channels only (LightningDiT: 3); 0 = all
+    joint_cfg_scale: float | None = None  # REG's cls_cfg_scale for the class token; None = cfg_scale, <= 0 = unguided
     label_sampling: str = "random"  # random | balanced
     batch_size: int = 64
     precision: str = ""  # fp32 | bf16 autocast of the sampler's model calls; "" = run.precision
@@ -118,6 +125,9 @@ class SampleConfig:
 class DiffusionConfig:
     name: str = "flow-dit"
     args: dict[str, Any] = field(default_factory=dict)
+    weights: str = ""  # trained or released weights (vfmbench.diffusion_weights): the diffusion stage is skipped
+    latent_stats: str = ""  # released model's latents_stats.pt ({mean, std}) for de-normalising samples; '' = the tokenizer's
+    latent_multiplier: float = 1.0  # LightningDiT's latent_multiplier: latent = sample * std / multiplier + mean
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -140,6 +150,8 @@ class MetricsConfig:
     batch_size: int = 64
     recon_images: int = 50000  # val images reconstructed for rFID / PSNR
     isc_splits: int = 10
+    isc_split_order: str = "shuffled"  # shuffled (torch-fidelity, RandomState(2020)) | consecutive (ADM evaluator)
+    ssim_range: str = "[-1, 1]"  # SSIM's image range: [-1, 1] with data range 2 (VFM-VAE) | [0, 1] with data range 1
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     cache_image_features: bool = True  # Inception/LPIPS outputs of candidate images cached by their pixels' hash
 
@@ -295,15 +307,17 @@ def build_dataclass(cls: type, values: Mapping[str, Any], where: str = "") -> An
     return cls(**kwargs)
 
 
-def resolve(layers: list[Mapping[str, Any]]) -> RunConfig:
-    """Merge config layers in order and validate them into a ``RunConfig``."""
+def resolve(layers: list[Mapping[str, Any]], stage_names: Iterable[str] = STAGES) -> RunConfig:
+    """Merge config layers in order and validate them into a ``RunConfig``; ``run.stages`` must name
+    stages of ``stage_names`` (the registered stages: ``host.stages.names()``; default the built-ins)."""
     merged: dict = {}
     for layer in layers:
         merged = deep_merge(merged, layer)
     cfg = build_dataclass(RunConfig, merged)
-    bad = [s for s in cfg.run.stages if s not in STAGES]
+    stage_names = tuple(stage_names)
+    bad = [s for s in cfg.run.stages if s not in stage_names]
     if bad:
-        raise UserError(f"unknown stage {bad[0]!r} in run.stages: {did_you_mean(bad[0], STAGES)}")
+        raise UserError(f"unknown stage {bad[0]!r} in run.stages: {did_you_mean(bad[0], stage_names)}")
     return cfg
 
 

@@ -264,7 +264,12 @@ def check_config(host, cfg) -> Built:
         check_npz(cfg.metrics.reference, "metrics.reference")
     check_vfm_weights(host, cfg)
     built = build_meta(host, cfg)  # last: seconds for full-size models
-    check_free_space(out, estimate_run_bytes(cfg, built, cfg.data.train_images, cfg.data.val_images))
+    import dataclasses
+
+    from .planner import requested_stages
+
+    planned = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, stages=requested_stages(host, list(cfg.run.stages))))  # [] = all
+    check_free_space(out, estimate_run_bytes(planned, built, cfg.data.train_images, cfg.data.val_images))
     return built
 
 
@@ -286,4 +291,6 @@ def check_run(run: Any) -> None:
     if cfg.tokenizer.weights:
         from .checkpoint import load_torch
 
-        run._load_tokenizer_state(tok, load_torch(cfg.tokenizer.weights, run.device, what="tokenizer.weights"))
+        from .context import load_tokenizer_state
+
+        load_tokenizer_state(tok, load_torch(cfg.tokenizer.weights, run.device, what="tokenizer.weights"))
