@@ -33,6 +33,7 @@ from .interfaces import Tokenizer
 from .plugins import Host
 from .results import SCHEMA_VERSION, write_rows
 from .train import train_loop
+from .zoo import is_release, release_path
 
 # Stages that run on every rank under torchrun (the others run on rank 0): training is data-parallel,
 # encoding, sampling and feature extraction are sharded by blocks of batches and gathered on rank 0.
@@ -97,6 +98,8 @@ def validate(host: Host, cfg: RunConfig) -> None:
 
     tok = host.tokenizers.get(cfg.tokenizer.name)
     validate_args(tok.config, component_args(cfg, tok.name, cfg.tokenizer.args), "tokenizer.args")
+    if is_release(tok):
+        release_path(tok, cfg)  # a released tokenizer's weights: found, or the release and its fetch command named
     if tok.uses_vfm:
         host.vfms.get(cfg.vfm.name)
     if cfg.vfm.size not in ("full", "tiny"):
@@ -192,7 +195,7 @@ class Run:
         self.dataset("val")
         if stages & {"tokenizer", "diffusion", "latents", "probe"}:
             self.dataset("train")
-        if self.cfg.tokenizer.weights and not Path(self.cfg.tokenizer.weights).exists():
+        if self.cfg.tokenizer.weights and not Path(self.cfg.tokenizer.weights).exists() and not is_release(self.host.tokenizers.get(self.cfg.tokenizer.name)):
             raise UserError(f"tokenizer.weights={self.cfg.tokenizer.weights!r} does not exist; pass a model.pt written by a previous run")
         spec = self.host.tokenizers.get(self.cfg.tokenizer.name)
         if spec.uses_vfm:
@@ -415,6 +418,8 @@ class Run:
         d.mkdir(parents=True, exist_ok=True)
         tok = self.tokenizer()
         info: dict[str, Any] = {"params": param_counts(tok)}
+        if is_release(tok.spec):  # evaluated as released: the factory loaded its weights, nothing to train or save
+            return {**info, "release": tok.spec.release, "weights": tok.weights_id}
         if self.cfg.tokenizer.weights:
             self._load_tokenizer_state(tok, load_torch(self.cfg.tokenizer.weights, self.device))
             info["loaded_from"] = str(self.cfg.tokenizer.weights)
@@ -860,7 +865,8 @@ class Run:
             "family": family,
             "value": r["value"],
             "higher_is_better": r["higher_is_better"],
-            "protocol": {**r["protocol"], "data_skipped_images": self.data_skips().total()} if c.data.skip_corrupt else r["protocol"],
+            "protocol": {**r["protocol"], **(self.tokenizer().protocol() if is_release(tok) else {}),
+                         **({"data_skipped_images": self.data_skips().total()} if c.data.skip_corrupt else {})},
             "seed": c.run.seed,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
