@@ -201,3 +201,41 @@ def test_missing_weights_name_release_and_fetch_command(host, tmp_path):
     with pytest.raises(MissingWeightsError, match=r"flux1-vae.*does not exist.*hf download"):
         validate(host, cfg)
     assert time.time() - t0 < 5
+
+
+def test_flux2_patchify_and_batchnorm_match_the_pipeline(host, tiny_root):
+    from diffusers import AutoencoderKLFlux2
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    ref = AutoencoderKLFlux2.from_pretrained(str(tiny_root / "flux2-vae")).eval()
+    tok = load(host, "flux2-vae", tiny_root / "flux2-vae")
+    x = _images()
+    with torch.no_grad():
+        z = tok.encode(x).mean
+        want = Flux2Pipeline._patchify_latents(ref.encode(x.float() / 127.5 - 1).latent_dist.mean)
+        torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-4)
+        bn_mean, bn_var = ref.bn.running_mean.view(1, -1, 1, 1), ref.bn.running_var.view(1, -1, 1, 1)
+        assert float(bn_var.std()) > 0.01  # the random release has non-trivial statistics
+        torch.testing.assert_close(tok.normalize(z), (z - bn_mean) / torch.sqrt(bn_var + 1e-4), rtol=1e-5, atol=1e-5)
+        rec = tok.decode(z)
+        torch.testing.assert_close(rec, ref.decode(Flux2Pipeline._unpatchify_latents(want)).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_rae_and_video_shipped_statistics(host, tiny_root):
+    cfg = json.loads((tiny_root / "rae-dinov2-b" / "config.json").read_text())
+    mean, std = torch.tensor(cfg["latents_mean"]), torch.tensor(cfg["latents_std"])
+    tok = load(host, "rae-dinov2-b", tiny_root / "rae-dinov2-b")
+    z = torch.randn(1, 768, 4, 4)
+    torch.testing.assert_close(tok.normalize(z), (z - mean) / (std + 1e-5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tok.denormalize(tok.normalize(z)), z, rtol=1e-4, atol=1e-4)
+    x = _images()
+    with torch.no_grad():  # raw latent = the class's latent before its own per-position normalisation
+        from diffusers import AutoencoderRAE
+
+        ref = AutoencoderRAE.from_pretrained(str(tiny_root / "rae-dinov2-b")).eval()
+        torch.testing.assert_close(tok.normalize(tok.encode(x).mean), ref.encode(x.float() / 255).latent, rtol=1e-4, atol=1e-4)
+    cfg = json.loads((tiny_root / "wan21-vae" / "config.json").read_text())
+    tok = load(host, "wan21-vae", tiny_root / "wan21-vae")
+    z = torch.randn(1, 16, 4, 4)
+    m, s = torch.tensor(cfg["latents_mean"]).view(1, -1, 1, 1), torch.tensor(cfg["latents_std"]).view(1, -1, 1, 1)
+    torch.testing.assert_close(tok.normalize(z), (z - m) / s, rtol=1e-5, atol=1e-5)
