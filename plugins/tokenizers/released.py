@@ -365,3 +365,36 @@ def write_random_release(release: Release, folder: Path, tiny: bool = True, seed
         c = int(cfg["latent_channels"])
         torch.save({"mean": torch.randn(1, c, 1, 1, generator=g) * 0.1, "std": torch.rand(1, c, 1, 1, generator=g) + 0.5}, folder / release.stats_file)
     return folder
+
+
+def release_of(spec: TokenizerSpec) -> Release | None:
+    """The ``Release`` record behind a zoo spec (its factory is ``build_released`` bound to it), else None."""
+    f = spec.factory
+    return f.args[1] if isinstance(f, functools.partial) and f.func is build_released else None
+
+
+def write_tiny_zoo(root: Path, names: list[str] | None = None) -> list[str]:
+    """A random-init CPU-size copy of every registered release (or of ``names``) in ``root/<name>``:
+    the folder convention of ``zoo.root`` (docs/zoo.md). Returns the names written."""
+    from vfmbench.plugins import get_plugin_manager
+
+    host = get_plugin_manager()
+    specs = [s for s in host.tokenizers if release_of(s) is not None]
+    if names:
+        unknown = [n for n in names if n not in {s.name for s in specs}]
+        if unknown:
+            raise UserError(f"not a zoo entry: {unknown[0]!r}; {did_you_mean(unknown[0], [s.name for s in specs])}")
+        specs = [s for s in specs if s.name in names]
+    for i, s in enumerate(specs):
+        write_random_release(release_of(s), Path(root) / s.name, tiny=True, seed=i)
+    return [s.name for s in specs]
+
+
+if __name__ == "__main__":  # python -m vfmbench_plugins.tokenizers.released ROOT [NAME ...]
+    import sys
+
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m vfmbench_plugins.tokenizers.released ROOT [NAME ...]  (random-init tiny zoo releases)")
+    from vfmbench_plugins.tokenizers import released  # the registered module (this file runs as __main__)
+
+    print("\n".join(released.write_tiny_zoo(Path(sys.argv[1]), sys.argv[2:] or None)))
