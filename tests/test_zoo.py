@@ -239,3 +239,59 @@ def test_rae_and_video_shipped_statistics(host, tiny_root):
     z = torch.randn(1, 16, 4, 4)
     m, s = torch.tensor(cfg["latents_mean"]).view(1, -1, 1, 1), torch.tensor(cfg["latents_std"]).view(1, -1, 1, 1)
     torch.testing.assert_close(tok.normalize(z), (z - m) / s, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_list_and_missing_weights_exit_2(capsys):
+    from vfmbench.cli import main
+
+    assert main(["list", "tokenizers"]) == 0
+    out = capsys.readouterr().out
+    assert "flux2-vae" in out and "black-forest-labs/FLUX.2-dev" in out and "34.4/49.6" in out
+    assert main(["run", "--preset", "smoke", "--tokenizer", "sd35-vae", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "stabilityai/stable-diffusion-3.5-large" in err and "hf download" in err
+
+
+def test_dry_run_counts_the_full_release_on_meta(host, tiny_root, capsys):
+    from vfmbench.cli import main
+
+    assert main(["run", "--preset", "smoke", "--tokenizer", "flux1-vae", "--set", f"tokenizer.weights={tiny_root / 'flux1-vae'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    total = int(out.split("tokenizer")[1].split("total")[1].split()[0].replace(",", ""))
+    assert abs(total / 1e6 - (34.3 + 49.6)) < 0.1  # the release's architecture, not the tiny folder's
+
+
+def test_sweep_zoo_root_convention(host, tiny_root):
+    from vfmbench.sweep import load_sweep
+
+    _, _, combos = load_sweep(host, __import__("pathlib").Path(__file__).parents[1] / "sweeps" / "zoo.yaml", "/tmp/none", [f"zoo.root={tiny_root}"])
+    assert {c.cfg.tokenizer.name for c in combos} == set(ZOO)
+    assert all(c.cfg.zoo.root == str(tiny_root) for c in combos)
+    with pytest.raises(UserError, match=r"sd-vae-ft-ema.*DIR=/nonexistent/sd-vae-ft-ema"):
+        load_sweep(host, __import__("pathlib").Path(__file__).parents[1] / "sweeps" / "zoo.yaml", "/tmp/none", ["zoo.root=/nonexistent"])
+
+
+def _row(run, tok, metric, value, family="reconstruction", proto=None, label="smoke", hib=False):
+    return {"run_id": run, "tokenizer": tok, "metric": metric, "value": value, "family": family, "label": label, "dataset": "shapes",
+            "split": "val", "resolution": 64, "higher_is_better": hib, "protocol": proto or {"num_images": 32, "zoo": "zoo-v1"}}
+
+
+def test_zoo_leaderboard_tables_per_protocol_and_published_apart(host, tmp_path):
+    from vfmbench.zoo_board import render_zoo
+
+    rows = [_row("a", "sd-vae-ft-ema", "rfid", 3.0), _row("a", "sd-vae-ft-ema", "psnr", 20.0, hib=True),
+            _row("b", "flux1-vae", "rfid", 1.0), _row("b", "flux1-vae", "psnr", 25.0, hib=True),
+            _row("c", "dc-ae-f32c32-in", "rfid", 2.0, proto={"num_images": 64, "zoo": "zoo-v1"}),  # another protocol
+            _row("d", "kl-vae", "rfid", 0.1)]  # not a zoo entry
+    pub = tmp_path / "p.yaml"
+    pub.write_text("entries:\n  - {tokenizer: flux1-vae, metrics: {rfid: 0.165}, source: lavinal712}\n")
+    text = render_zoo(rows, host, pub)
+    measured, published = text.split("## Reported by the authors")
+    assert measured.count("## Measured") == 2 and "kl-vae" not in measured
+    first = measured.split("## Measured")[1]
+    assert first.index("flux1-vae") < first.index("sd-vae-ft-ema")  # ranked by rFID
+    assert "f8c16" in first and "34.3 / 49.6" in first and "Apache-2.0" in first
+    assert "0.165" in published and "lavinal712" in published and "0.165" not in measured
+    pub.write_text("entries:\n  - {tokenizer: flux1-vae, metrics: {rfid: 0.165}}\n")
+    with pytest.raises(UserError, match="source"):
+        render_zoo(rows, host, pub)

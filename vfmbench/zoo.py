@@ -38,8 +38,8 @@ def release_path(spec: TokenizerSpec, cfg) -> Path:
             f"or --set zoo.root=ROOT (with the release in ROOT/{spec.name}). {fetch}."
         )
     if not path.exists():
-        raise MissingWeightsError(f"weights of {spec.name!r} (release {spec.release!r}) not found: {how} does not exist. {fetch}, "
-                                  f"then point {how.split('=')[0]} at it.")
+        where = f"with DIR={path}" if not cfg.tokenizer.weights else "and pass --set tokenizer.weights=DIR"
+        raise MissingWeightsError(f"weights of {spec.name!r} (release {spec.release!r}) not found: {how} does not exist. {fetch} {where}.")
     return path
 
 
