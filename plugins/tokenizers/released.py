@@ -255,6 +255,9 @@ class ReleasedTokenizer(Tokenizer):
     def protocol(self) -> dict[str, Any]:
         return release_protocol(self.args.posterior)
 
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        """Nothing to checkpoint: a release is never trained here (``run.grad_checkpointing`` then only affects the diffusion model)."""
+
     def training_phases(self, lr: float) -> list[Phase]:
         raise UserError(f"{self.release.name!r} is a released tokenizer, evaluated as released: it is not trained here "
                         "(drop the tokenizer stage or set tokenizer.train.images=0)")
