@@ -295,3 +295,10 @@ def test_zoo_leaderboard_tables_per_protocol_and_published_apart(host, tmp_path)
     pub.write_text("entries:\n  - {tokenizer: flux1-vae, metrics: {rfid: 0.165}}\n")
     with pytest.raises(UserError, match="source"):
         render_zoo(rows, host, pub)
+
+
+def test_a_folder_of_another_release_is_refused(host, tiny_root):
+    with pytest.raises(UserError, match=r"latent_channels=4.*'sd35-vae'.*right release folder"):
+        load(host, "sd35-vae", tiny_root / "sd-vae-ft-ema")
+    with pytest.raises(UserError, match="AutoencoderKLFlux2 config"):
+        load(host, "flux1-vae", tiny_root / "flux2-vae")

@@ -16,6 +16,7 @@ statistics (``per-channel``); the runner recomputes per-channel statistics the s
 """
 from __future__ import annotations
 
+import abc
 import functools
 import json
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,7 @@ class Release:
     ignore_keys: tuple[str, ...] = ()  # original-layout keys that are not the autoencoder (training-only heads)
     stats_file: str = ""  # original layout: per-channel latent statistics shipped beside the checkpoint
     tiny: Mapping[str, Any] = field(default_factory=dict)  # config overrides of a CPU-size copy (tests, smoke zoo folders)
+    latent_keys: tuple[str, ...] = ("latent_channels",)  # config keys a loaded folder must share with the release (its latent)
 
 
 def library_class(name: str) -> type:
@@ -98,6 +100,10 @@ def _read_config(path: Path, release: Release) -> dict[str, Any]:
     if cls and cls != release.library_class:
         raise UserError(f"{str(path)!r} is a {cls} config; {release.name!r} is loaded by {release.library_class} "
                         f"(is this the right release? expected {release.meta.get('release', '')!r})")
+    for key in release.latent_keys:
+        if key in cfg and cfg[key] != release.config[key]:
+            raise UserError(f"{str(path)!r} has {key}={cfg[key]!r}; {release.name!r} ({release.meta.get('release', '')}) has "
+                            f"{release.config[key]!r}: is this the right release folder?")
     return cfg
 
 
@@ -189,11 +195,13 @@ class ReleasedTokenizer(Tokenizer):
         self._reset_stats()
 
     # -- family hooks --
+    @abc.abstractmethod
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        """(mean, log-variance or None for a point latent) of the raw latent of ``x`` in the release's input range."""
 
+    @abc.abstractmethod
     def reconstruct_pixels(self, z: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Raw latent -> image in the release's input range."""
 
     def shipped_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (mean, std) equivalent of the release's normalisation, z -> (z - mean) / std:

@@ -75,7 +75,7 @@ RELEASES = (
         deterministic=True, shipped_normalisation="per-position mean/std [768, 16, 16] (stat.pt, in the config)",
         paper="Zheng, Ma, Tong & Xie 2025, Diffusion Transformers with Representation Autoencoders (arXiv 2510.11690)",
         source="https://huggingface.co/nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08"),
-            encoder_prefixes=("encoder.",), decoder_prefixes=("decoder.",), tiny=TINY),
+            encoder_prefixes=("encoder.",), decoder_prefixes=("decoder.",), tiny=TINY, latent_keys=("encoder_type", "encoder_hidden_size", "encoder_patch_size")),
 )
 
 

@@ -37,13 +37,13 @@ RELEASES = (
         release="Wan-AI/Wan2.1-T2V-1.3B-Diffusers (vae/)", native_resolution=480,
         fetch="hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers vae/config.json vae/diffusion_pytorch_model.safetensors --local-dir DIR",
         paper="Wan Team 2025, Wan: Open and Advanced Large-Scale Video Generative Models (arXiv 2503.20314)",
-        source="https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers", **META), tiny=TINY),
+        source="https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers", **META), tiny=TINY, latent_keys=("z_dim",)),
     Release("qwen-image-vae", "Qwen-Image VAE (Wan-2.1 architecture, image-tuned decoder), one frame, f8 16 channels",
             "AutoencoderKLQwenImage", QWEN, kl_meta(
         release="Qwen/Qwen-Image (vae/)", native_resolution=1328,
         fetch="hf download Qwen/Qwen-Image vae/config.json vae/diffusion_pytorch_model.safetensors --local-dir DIR",
         paper="Qwen Team 2025, Qwen-Image Technical Report (arXiv 2508.02324)", source="https://huggingface.co/Qwen/Qwen-Image", **META),
-            tiny=TINY),
+            tiny=TINY, latent_keys=("z_dim",)),
 )
 
 
