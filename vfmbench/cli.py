@@ -212,7 +212,7 @@ def cmd_eval(args) -> int:
         print(png)
         return 0
     if not args.weights:
-        raise UserError("eval reconstruction needs --weights PATH (a tokenizer model.pt)")
+        raise UserError("eval reconstruction needs --weights PATH (a tokenizer model.pt, or the release folder of a zoo tokenizer)")
     sets += [f"tokenizer.weights={args.weights}", 'run.stages=["tokenizer", "recon-eval", "results"]']
     if args.smoke:
         sets.append("run.smoke=true")
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--topk", type=int, default=10, help="alignment: CKNNA neighbours")
     sp.add_argument("--reference-vfm", help="alignment: the reference VFM (default: the run's VFM)")
     sp.add_argument("--reference", help="generation: an ADM reference batch .npz or a folder of images")
-    sp.add_argument("--weights", help="reconstruction: tokenizer weights (model.pt of a run)")
+    sp.add_argument("--weights", help="reconstruction: tokenizer weights (model.pt of a run, or a zoo release folder: docs/zoo.md)")
     sp.add_argument("--preset")
     sp.add_argument("--tokenizer")
     sp.add_argument("--vfm")

@@ -195,7 +195,7 @@ class Run:
         self.dataset("val")
         if stages & {"tokenizer", "diffusion", "latents", "probe"}:
             self.dataset("train")
-        if self.cfg.tokenizer.weights and not Path(self.cfg.tokenizer.weights).exists() and not is_release(self.host.tokenizers.get(self.cfg.tokenizer.name)):
+        if self.cfg.tokenizer.weights and not Path(self.cfg.tokenizer.weights).exists():
             raise UserError(f"tokenizer.weights={self.cfg.tokenizer.weights!r} does not exist; pass a model.pt written by a previous run")
         spec = self.host.tokenizers.get(self.cfg.tokenizer.name)
         if spec.uses_vfm:
