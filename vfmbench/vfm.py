@@ -81,16 +81,21 @@ def preprocess(
     interpolation: str,
     mean: Sequence[float],
     std: Sequence[float],
+    pre_scale: float = 1.0,
 ) -> torch.Tensor:
     """uint8 NCHW -> normalised float32 NCHW at ``target_size`` of each side.
 
     Resizing uses ``interpolation`` (antialiased where any side shrinks) and is skipped when the
     size does not change; the result is clamped to [0, 1] (as a resized uint8 image would be)
-    before ``(x - mean) / std``.
+    before ``(x - mean) / std``. ``pre_scale`` != 1 first resizes the float image by that factor
+    (``scale_factor`` semantics, antialiased when shrinking), then ``scale`` applies to the result:
+    two resizes, as VFM-VAE's image-space equivariance feeds its VFM.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise TypeError(f"images must be uint8 NCHW with 3 channels, got {images.dtype} {tuple(images.shape)}")
     x = images.float().div(255.0)
+    if pre_scale != 1.0:
+        x = F.interpolate(x, scale_factor=float(pre_scale), mode=interpolation, align_corners=False, antialias=pre_scale < 1.0)
     h, w = x.shape[-2:]
     th, tw = target_size(h, scale, patch_size), target_size(w, scale, patch_size)
     if (th, tw) != (h, w):
@@ -213,7 +218,7 @@ def state_dict_id(module: nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-dim buffers (BatchNorm's num_batches_tracked)
     return h.hexdigest()[:12]
 
 
@@ -662,14 +667,14 @@ class FrozenVfm(Vfm):
             f"valid are 0..{d} (0 = embedding, k = block k) and -1..-{d + 2} (-1 = final norm)"
         )
 
-    def preprocess(self, images: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, scale: float | None = None, pre_scale: float = 1.0) -> torch.Tensor:
         s = self.input_scale if scale is None else float(scale)
-        return preprocess(images.to(self.device), s, self.patch_size, self.spec.interpolation, self.spec.mean, self.spec.std)
+        return preprocess(images.to(self.device), s, self.patch_size, self.spec.interpolation, self.spec.mean, self.spec.std, pre_scale)
 
-    def forward(self, images: torch.Tensor, layers: Sequence[int] = (-1,), scale: float | None = None) -> VfmTokens:
+    def forward(self, images: torch.Tensor, layers: Sequence[int] = (-1,), scale: float | None = None, pre_scale: float = 1.0) -> VfmTokens:
         layers = [int(i) for i in layers]
         index = {i: self.hidden_index(i) for i in layers}
-        x = self.preprocess(images, scale)
+        x = self.preprocess(images, scale, pre_scale)
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         blocks = {h for h in index.values() if h is not None}
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
@@ -786,7 +791,27 @@ def build_vfm(spec: VfmSpec, cfg: VfmConfig, cache_dir: str | Path | None = None
     vfm = spec.factory(spec, cfg, cache_dir)
     if not isinstance(vfm, Vfm):
         raise TypeError(f"the factory of vfm {spec.name!r} returned {type(vfm).__name__}, not a vfmbench.interfaces.Vfm")
+    if not isinstance(vfm, FrozenVfm):  # library ViTs (adapters) have one width by construction
+        check_token_widths(vfm)
     return vfm
+
+
+def check_token_widths(vfm: Vfm) -> None:
+    """The one-width rule: every tapped layer (``vfm.default_layers``) gives [B, h*w, D] tokens of one
+    width ``D == vfm.embed_dim`` on one grid (the tokenizers' latent heads read all taps with one
+    projection). Checked with one black image at ``vfm.spec.resolution``; a ``UserError`` otherwise."""
+    res = int(getattr(vfm.spec, "resolution", 0) or 224)
+    with torch.no_grad():
+        tokens = vfm(torch.zeros(1, 3, res, res, dtype=torch.uint8), layers=tuple(vfm.default_layers))
+    h, w = tokens.grid
+    shapes = {i: tuple(t.shape) for i, t in tokens.layers.items()}
+    bad = {i: s for i, s in shapes.items() if len(s) != 3 or s[1] != h * w or s[2] != vfm.embed_dim}
+    if bad or set(shapes) != set(vfm.default_layers):
+        raise UserError(
+            f"vfm {vfm.spec.name!r} breaks the one-width rule: its tapped layers {list(vfm.default_layers)} give tokens "
+            f"{shapes} on grid {tokens.grid}, but every tap must be [B, h*w, embed_dim={vfm.embed_dim}] on one grid "
+            "(docs/vfms.md, 'One width'): project the taps to one width in the VFM's factory, or tap layers of one width (vfm.layers)"
+        )
 
 
 def vfm_param_count(spec: VfmSpec, size: str = "full") -> int:
