@@ -288,9 +288,10 @@ def check_run(run: Any) -> None:
     n_train = len(run.dataset("train")) if stages & {"tokenizer", "diffusion", "latents", "probe"} else 0
     built = Built(tok, diff, shape)
     check_free_space(Path(cfg.run.out).expanduser().absolute(), estimate_run_bytes(cfg, built, n_train, len(run.dataset("val"))))
-    if cfg.tokenizer.weights:
-        from .checkpoint import load_torch
+    from .zoo import is_release
 
+    if cfg.tokenizer.weights and not is_release(run.host.tokenizers.get(cfg.tokenizer.name)):  # a release: its factory loaded them
+        from .checkpoint import load_torch
         from .context import load_tokenizer_state
 
         load_tokenizer_state(tok, load_torch(cfg.tokenizer.weights, run.device, what="tokenizer.weights"))
