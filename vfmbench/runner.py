@@ -30,13 +30,14 @@ from .errors import UserError
 from .evaluate import Evaluator
 from .images import plot_curves, save_grid, save_pairs
 from .interfaces import Tokenizer
+from . import latent_eval
 from .plugins import Host
 from .results import SCHEMA_VERSION, write_rows
 from .train import train_loop
 
 # Stages that run on every rank under torchrun (the others run on rank 0): training is data-parallel,
 # encoding, sampling and feature extraction are sharded by blocks of batches and gathered on rank 0.
-PARALLEL_STAGES = ("tokenizer", "recon-eval", "latents", "diffusion", "sample", "gen-eval")
+PARALLEL_STAGES = ("tokenizer", "recon-eval", "latents", "latent-eval", "diffusion", "sample", "gen-eval")
 
 # Config keys that do not change what a run computes (excluded from the run directory's hash).
 NON_RESULT_KEYS = {
@@ -113,6 +114,7 @@ def validate(host: Host, cfg: RunConfig) -> None:
         raise UserError(f"metrics.reference={cfg.metrics.reference!r} does not exist; pass an ADM reference batch .npz (or '' for the val split)")
     for m in cfg.metrics.names:
         host.metrics.get(m)
+    latent_eval.validate(cfg)
     s = cfg.diffusion.sample
     if s.label_sampling not in ("random", "balanced"):
         raise UserError(f"diffusion.sample.label_sampling must be 'random' or 'balanced', got {s.label_sampling!r}")
@@ -190,14 +192,14 @@ class Run:
         """Everything that can fail on bad input, before the run directory exists."""
         stages = set(self.cfg.run.stages)
         self.dataset("val")
-        if stages & {"tokenizer", "diffusion", "latents", "probe"}:
+        if stages & {"tokenizer", "diffusion", "latents", "latent-eval", "probe"}:
             self.dataset("train")
         if self.cfg.tokenizer.weights and not Path(self.cfg.tokenizer.weights).exists():
             raise UserError(f"tokenizer.weights={self.cfg.tokenizer.weights!r} does not exist; pass a model.pt written by a previous run")
         spec = self.host.tokenizers.get(self.cfg.tokenizer.name)
         if spec.uses_vfm:
             self.ctx().vfm()  # resolves (and loads) the VFM weights, or fails with where it looked
-        if stages & {"recon-eval", "gen-eval"}:
+        if stages & {"recon-eval", "gen-eval", "latent-eval"}:
             self.evaluator().check_weights()
 
     def ctx(self) -> BuildContext:
@@ -652,6 +654,9 @@ class Run:
             raise UserError(f"{path} is missing: run the 'latents' stage first (include it in --stages)")
         return load_torch(path)
 
+    def stage_latent_eval(self) -> dict[str, Any]:
+        return latent_eval.run_stage(self)
+
     def stage_probe(self) -> dict[str, Any]:
         d = self.stage_dir("probe")
         d.mkdir(parents=True, exist_ok=True)
@@ -819,7 +824,7 @@ class Run:
         from .results import read_rows
 
         rows = []
-        for stage in ("recon-eval", "probe", "gen-eval"):
+        for stage in ("recon-eval", "latent-eval", "probe", "gen-eval"):
             p = self.stage_dir(stage) / "rows.jsonl"
             if p.exists():
                 rows.extend(read_rows(p))
