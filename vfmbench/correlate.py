@@ -24,6 +24,8 @@ from .results import protocol_id
 
 BOOTSTRAP = 1000
 MIN_POINTS = 3
+# target-protocol keys shown under each table's heading (the full protocols are in the leaderboard tables)
+TARGET_KEYS = ("diffusion", "guidance", "cfg_scale", "sampler", "steps", "diffusion_images", "num_images", "epochs")
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Group:
     latent_pid: str
     target_pid: str
     higher_is_better: bool
+    target_protocol: dict[str, Any] = field(default_factory=dict)
     labels: set[str] = field(default_factory=set)
     points: list[tuple[str, float, float]] = field(default_factory=list)  # (run or tokenizer, latent value, target value)
 
@@ -84,7 +87,7 @@ def pair_rows(rows: list[dict[str, Any]], target: str) -> list[Group]:
         for key in keys:
             for t in by_key.get(key, []):
                 k = (r["metric"], lpid, protocol_id(t))
-                g = groups.setdefault(k, Group(r["metric"], lpid, k[2], bool(r.get("higher_is_better"))))
+                g = groups.setdefault(k, Group(r["metric"], lpid, k[2], bool(r.get("higher_is_better")), dict(t.get("protocol") or {})))
                 g.labels.update({r.get("label", ""), t.get("label", "")})
                 g.points.append((str(r["run_id"]) if key[0] == "run" else str(r.get("tokenizer")), float(r["value"]), float(t["value"])))
     if not groups:
@@ -141,7 +144,8 @@ def report(rows: list[dict[str, Any]], target: str, plot_dir: Path, link_base: P
         smoke = any(g.smoke for g in gs)
         paper = any("paper" in g.labels for g in gs)
         tag = "smoke" if smoke else ("paper" if paper else "official")
-        out += [f"### latent protocol `{lpid}` × {target} protocol `{tpid}` · `{tag}`", ""]
+        shown = "; ".join(f"{k}={v}" for k, v in sorted(gs[0].target_protocol.items()) if k in TARGET_KEYS)
+        out += [f"### latent protocol `{lpid}` × {target} protocol `{tpid}` · `{tag}`", ""] + ([f"{target} protocol: {shown}", ""] if shown else [])
         if smoke:
             out += ["> **smoke**: random-init models on tiny data; these correlations test the pipeline only.", ""]
         table = []

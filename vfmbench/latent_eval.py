@@ -146,7 +146,7 @@ def run_stage(run) -> dict[str, Any]:
         if dist.is_main():
             groups = sorted({g for p in parts for g in p[2]})
             saved = {"means": torch.cat([p[0] for p in parts]), "labels": torch.cat([p[1] for p in parts]),
-                     "equivariance": {g: np.concatenate([p[2][g] for p in parts if g in p[2]]) for g in groups}}
+                     "equivariance": {g: torch.from_numpy(np.concatenate([p[2][g] for p in parts if g in p[2]])) for g in groups}}
             save_torch(saved, means_path)
         dist.barrier()
         if not dist.is_main():
@@ -160,7 +160,7 @@ def run_stage(run) -> dict[str, Any]:
 
             full, present = load_masks(run.dataset("val"), lc.masks, saved["means"].shape[-1])
             masks = full[:n]  # images without a mask file: no foreground (left out of SRSS, globally pooled for LNC)
-        eq = dict(saved["equivariance"])
+        eq: dict[str, Any] = {g: e.numpy() for g, e in saved["equivariance"].items()}
         if eq:
             eq["images"] = min(lc.equivariance_images, n)
             eq["protocol"] = {"resolution": cfg.data.resolution, "transforms": [t[0] for t in transforms_],
