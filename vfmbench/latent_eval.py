@@ -122,6 +122,10 @@ def run_stage(run) -> dict[str, Any]:
     d.mkdir(parents=True, exist_ok=True)
     ev = run.evaluator()
     specs = selected_specs(ev.specs, lc)
+    if not specs:  # metrics.names selects no latent metric
+        if dist.is_main():
+            write_rows(d / "rows.jsonl", [])
+        return {"metrics": {}}
     tok = run.tokenizer()
     n_val = len(run.dataset("val"))
     n = min(lc.images, n_val) if lc.images else n_val

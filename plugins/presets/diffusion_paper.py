@@ -48,7 +48,7 @@ CONVERGENCE = {"eval_every_images": EVAL_EVERY, "eval_num_images": 10_000, "eval
 BASE = deep_merge(TOKENIZER_PAPER, {
     "run": {"smoke": False, "device": "auto", "seed": 0, "precision": "fp32", "stages": list(STAGES)},
     "data": {"num_workers": 8},
-    "metrics": {"recon_images": 50_000, "batch_size": 256},
+    "metrics": {"recon_images": 50_000, "batch_size": 256, "latent": {"uniformity": True}},
 })
 
 LIGHTNINGDIT_ARGS = {

@@ -39,7 +39,7 @@ STAGES = [
 ]
 
 PAPER = {
-    "run": {"stages": ["tokenizer", "recon-eval", "latents", "results"]},
+    "run": {"stages": ["tokenizer", "recon-eval", "latents", "latent-eval", "results"]},
     "data": {"dataset": "imagefolder", "resolution": 256, "batch_size": 64},
     "vfm": {"name": "siglip2-l16-512", "size": "full", "pretrained": True, "layers": [0, 12, -1]},
     "tokenizer": {
@@ -47,7 +47,7 @@ PAPER = {
         "train": {"images": 44_000_000, "batch_size": 512, "lr": 1e-4, "ema_halflife_images": 160_000,
                   "ckpt_every_images": 1_000_000, "log_every_images": 10_000},
     },
-    "metrics": {"recon_images": 50_000},
+    "metrics": {"recon_images": 50_000, "latent": {"uniformity": True}},
     "component_args": {
         "vfm-vae": {
             "latent_channels": 32, "downsample": 16, "compress_width": 64, "decompress_width": 512, "mlp_ratio": 2.0,
