@@ -53,9 +53,9 @@ def kronecker_spectrum(zk: np.ndarray, iterations: int = 5) -> np.ndarray:
     n, c, s = zk.shape
     w_s = np.eye(s)
     for _ in range(iterations):
-        rows_c = np.einsum("ncs,st->ntc", zk, w_s).reshape(n * s, c)  # spatially whitened, one row per (image, position)
+        rows_c = np.matmul(zk, w_s).transpose(0, 2, 1).reshape(n * s, c)  # spatially whitened, one row per (image, position)
         eig_c, w_c = _whitener(rows_c)
-        rows_s = np.einsum("ncs,cd->nds", zk, w_c).reshape(n * c, s)  # channel-whitened, one row per (image, channel)
+        rows_s = np.matmul(w_c.T, zk).reshape(n * c, s)  # channel-whitened, one row per (image, channel)
         eig_s, w_s = _whitener(rows_s)
     return np.outer(eig_c, eig_s).reshape(-1)
 

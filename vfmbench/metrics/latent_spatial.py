@@ -49,8 +49,8 @@ def spatial_structure(z: Any, block: int = 256) -> dict[str, float]:
         raise ValueError(f"LDS needs cell pairs at distance >= {FAR}; a {h}x{w} grid has none")
     gsum = np.zeros((h * w, h * w))
     for i in range(0, n, block):
-        t = _tokens(z[i : i + block])
-        gsum += np.einsum("bsc,btc->st", t, t)
+        t = _tokens(z[i : i + block]).transpose(1, 0, 2).reshape(h * w, -1)  # [S, B*C]: one GEMM sums the images' Gram matrices
+        gsum += t @ t.T
     g = gsum / n
     lds = float(g[d == 1].mean() - g[d >= FAR].mean())
     ds = np.array([k for k in range(1, CDS_MAX_D + 1) if (d == k).any()])
@@ -78,7 +78,7 @@ def srss(z: Any, masks: Any, min_fg: int = 0, min_bg: int = 0, block: int = 256)
             continue
         fg = fg[ok]
         t = _tokens(z[i : i + block][ok])
-        g = np.einsum("bsc,btc->bst", t, t)
+        g = np.matmul(t, t.transpose(0, 2, 1))
         near = near_d & fg[:, None, :]
         far = far_d & ~fg[:, None, :]
         nn, nf = near.sum(-1), far.sum(-1)
