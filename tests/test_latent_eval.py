@@ -108,3 +108,30 @@ def test_eval_latents_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     again = {json.loads(line)["metric"]: json.loads(line)["value"] for line in (run_dir / "results.jsonl").read_text().splitlines()}
     assert again == first
+
+
+@pytest.mark.slow
+def test_eval_latents_on_two_ranks_equals_one_process(tmp_path):
+    """Posterior means, equivariance errors and iFID's decoded interpolations sharded over 2 ranks
+    and gathered on rank 0 give exactly the one-process values."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    weights, base = _weights(tmp_path)
+    names = "[viv, lnc, sec-0.5, lds, twonn-id, equivariance-rotation, equivariance-scale, ifid]"
+    args = ["eval", "latents", "--tokenizer", "kl-vae", "--weights", str(weights), *base, "--set", f"metrics.names={names}",
+            "--set", "metrics.latent.equivariance_images=20", "--set", "metrics.cache_image_features=false"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    values = []
+    for nproc, out in ((1, "one"), (2, "two")):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if nproc == 2 else [sys.executable]
+        p = subprocess.run([*launcher, "-m", "vfmbench.cli", *args, "--out", str(tmp_path / out)], capture_output=True, text=True,
+                           timeout=900, env=env, cwd=root)
+        assert p.returncode == 0, p.stderr[-3000:]
+        run_dir = next((tmp_path / out).iterdir())
+        assert json.loads((run_dir / "latent-eval" / "done.json").read_text())["world_size"] == nproc
+        values.append({json.loads(line)["metric"]: json.loads(line)["value"] for line in (run_dir / "results.jsonl").read_text().splitlines()})
+    assert len(values[0]) == 8 and values[0] == values[1]

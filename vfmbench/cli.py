@@ -218,13 +218,16 @@ def cmd_eval(args) -> int:
         sets.append("run.smoke=true")
     cfg = resolve_run_config(host, args.preset, args.config, sets, {
         "tokenizer": args.tokenizer, "vfm": args.vfm, "decoder": args.decoder, "diffusion": None, "dataset": args.dataset, "out": args.out})
+    from . import dist
     from .results import read_rows
     from .runner import Run
 
+    dist.init_from_env()  # under torchrun: every rank runs the stages together
     run = Run.prepare(host, cfg)
     run.execute()
-    _print_rows(read_rows(run.run_dir / "results.jsonl"))
-    print(run.run_dir)
+    if dist.is_main():
+        _print_rows(read_rows(run.run_dir / "results.jsonl"))
+        print(run.run_dir)
     return 0
 
 
