@@ -135,3 +135,11 @@ def test_eval_latents_on_two_ranks_equals_one_process(tmp_path):
         assert json.loads((run_dir / "latent-eval" / "done.json").read_text())["world_size"] == nproc
         values.append({json.loads(line)["metric"]: json.loads(line)["value"] for line in (run_dir / "results.jsonl").read_text().splitlines()})
     assert len(values[0]) == 8 and values[0] == values[1]
+
+
+def test_too_few_latents_skip_rows_with_the_reason(host):
+    specs = selected_specs(list(host.metrics), LatentMetricsConfig())
+    z, y = _latents(n=8, classes=8)  # 8 singleton classes, fewer latents than LNC's 10 neighbours
+    rows, info = latent_rows(specs, z, y, settings(LatentMetricsConfig(), 0))
+    assert {"viv", "lnc"} <= set(info["skipped"]) and "10 neighbours" in info["skipped"]["lnc"]
+    assert {r["metric"] for r in rows} >= {"sec-0.5", "lds", "twonn-id"}

@@ -10,7 +10,7 @@ decoded interpolations and of the val images (the ``distribution`` path of ``vfm
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import partial, wraps
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,6 +30,22 @@ SOURCE = "vfmbench.metrics.latent, latent_spatial, latent_model (implemented fro
 TIER1 = ("dataset", "split", "num_images", "classes", "latents", "normalisation", "seed")
 
 
+def _applicable(stage):
+    """Too few latents for a metric (k neighbours, classes of 2, a grid without distant pairs) is a
+    skipped row (``NotApplicable``, with the reason), not a failed run."""
+    @wraps(stage)
+    def wrapped(f: Mapping[str, Any]) -> Any:
+        try:
+            return stage(f)
+        except NotApplicable:
+            raise
+        except ValueError as e:
+            raise NotApplicable(str(e)) from None
+
+    return wrapped
+
+
+@_applicable
 def viv_stage(f: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return viv_per_class(f["latents"], f["labels"], int(f["settings"]["viv_iterations"]))
 
@@ -38,10 +54,12 @@ def viv_value(s: Mapping[str, Any], reference: Any = None) -> float:
     return float(np.mean(s["viv"]))
 
 
+@_applicable
 def lnc_stage(f: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {"lnc": np.float64(lnc(pool(f["latents"], f.get("masks")), f["labels"], int(f["settings"]["k"])))}
 
 
+@_applicable
 def sec_stage(f: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {"energy": dct_energy(f["latents"])}
 
@@ -68,10 +86,12 @@ def srss_stage(f: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.float64(v) for k, v in out.items()}
 
 
+@_applicable
 def twonn_stage(f: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.float64(v) for k, v in twonn(f["latents"], float(f["settings"]["twonn_fraction"])).items()}
 
 
+@_applicable
 def uniformity_stage(f: Mapping[str, Any]) -> dict[str, np.ndarray]:
     st = f["settings"]
     z = f["latents"]
