@@ -215,3 +215,17 @@ def test_interpolation_partners_pick_among_cosine_neighbours():
     picks = interpolation_partners(val, train, k=10, seed=3)
     top10 = np.argsort(-(val / np.linalg.norm(val, axis=1, keepdims=True)) @ (train / np.linalg.norm(train, axis=1, keepdims=True)).T, axis=1)[:, :10]
     assert all(p in row for p, row in zip(picks, top10))
+
+
+def test_a_scale_the_encoder_cannot_take_is_left_out_with_the_reason():
+    def fixed_size(x):
+        if x.shape[-1] != 16:
+            raise RuntimeError("input size must be 16")
+        return _pixel_encoder(x)
+
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    skipped: dict = {}
+    out = equivariance_errors(fixed_size, images, transforms(16, 1), skipped)
+    assert set(out) == {"rotation"} and set(skipped) == {"scale0.25", "scale0.5", "scale0.75"}
+    with pytest.raises(RuntimeError):
+        equivariance_errors(fixed_size, images, transforms(16, 1))

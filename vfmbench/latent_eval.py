@@ -135,22 +135,23 @@ def run_stage(run) -> dict[str, Any]:
     if dist.broadcast_object(means_path.exists() if dist.is_main() else None):
         saved = load_torch(means_path)
     else:
-        zs, ys, eq = [], [], {}
+        zs, ys, eq, eq_skipped = [], [], {}, {}
         with torch.no_grad():
             for start, images, y, post, _ in run._posteriors("val", n, "latent-eval: encode val"):
                 zs.append(post.mean.float().cpu())
                 ys.append(y.cpu())
                 m = max(0, min(images.shape[0], lc.equivariance_images - start)) if want_eq else 0
                 if m:
-                    for group, e in equivariance_errors(lambda x: tok.encode(x).mean, images[:m], transforms_).items():
+                    for group, e in equivariance_errors(lambda x: tok.encode(x).mean, images[:m], transforms_, eq_skipped).items():
                         eq.setdefault(group, []).append(e)
-        local = (torch.cat(zs), torch.cat(ys), {k: np.concatenate(v) for k, v in eq.items()}) if zs else None
+        local = (torch.cat(zs), torch.cat(ys), {k: np.concatenate(v) for k, v in eq.items()}, eq_skipped) if zs else None
         parts = [p for p in dist.gather_object(local) or [] if p is not None]
         saved = None
         if dist.is_main():
             groups = sorted({g for p in parts for g in p[2]})
             saved = {"means": torch.cat([p[0] for p in parts]), "labels": torch.cat([p[1] for p in parts]),
-                     "equivariance": {g: torch.from_numpy(np.concatenate([p[2][g] for p in parts if g in p[2]])) for g in groups}}
+                     "equivariance": {g: torch.from_numpy(np.concatenate([p[2][g] for p in parts if g in p[2]])) for g in groups},
+                     "equivariance_skipped": {k: v for p in parts for k, v in p[3].items()}}
             save_torch(saved, means_path)
         dist.barrier()
         if not dist.is_main():
@@ -167,11 +168,13 @@ def run_stage(run) -> dict[str, Any]:
         eq: dict[str, Any] = {g: e.numpy() for g, e in saved["equivariance"].items()}
         if eq:
             eq["images"] = min(lc.equivariance_images, n)
-            eq["protocol"] = {"resolution": cfg.data.resolution, "transforms": [t[0] for t in transforms_],
+            left_out = saved.get("equivariance_skipped", {})
+            eq["protocol"] = {"resolution": cfg.data.resolution, "transforms": [t[0] for t in transforms_ if t[0] not in left_out],
                               "interpolation": "bilinear, antialiased; uint8 images rounded"}
         st = settings(lc, cfg.run.seed) | {"srss_min_fraction": lc.srss_min_fraction}
         extra = {"masks": Path(lc.masks).name, "masked_images": int(present[:n].sum())} if lc.masks else {}
         rows, info = latent_rows(specs, saved["means"], saved["labels"], st, masks, eq or None, extra, cfg.run.smoke)
+        info["skipped"].update({f"equivariance {k}": v for k, v in saved.get("equivariance_skipped", {}).items()})
         write_json(d / "standardisation.json", {"mu": info["mu"], "sigma": info["sigma"], "grid": info["grid"], "num_images": int(saved["means"].shape[0])})
     rows += _ifid_rows(run, specs, saved["means"], n)
     if not dist.is_main():
@@ -192,7 +195,7 @@ def _ifid_rows(run, specs: list[MetricSpec], means: torch.Tensor, n: int) -> lis
     if not any(s.name == "ifid" for s in specs):
         return []
     train = load_torch(run.stage_dir("latents") / "train.pt")["latents"]
-    partners = interpolation_partners(means, train, lc.ifid_neighbours, run.cfg.run.seed) if dist.is_main() else None
+    partners = interpolation_partners(means, train, lc.ifid_neighbours, run.cfg.run.seed, device=run.device) if dist.is_main() else None
     partners = torch.as_tensor(dist.broadcast_object(partners))
     tok, ev = run.tokenizer(), run.evaluator()
     ev.sharded = True

@@ -40,14 +40,22 @@ def apply(x: torch.Tensor, group: str, p: float) -> torch.Tensor:
 
 
 def equivariance_errors(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                        transforms_: list[tuple[str, str, float]]) -> dict[str, np.ndarray]:
+                        transforms_: list[tuple[str, str, float]], skipped: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Per image and transform tau: ||tau(E(x)) - E(tau(x))||^2 / ||E(tau(x))||^2, with E the
-    posterior mean. Returns {group: [n_transforms_in_group * B] errors}."""
+    posterior mean. Returns {group: [n_transforms_in_group * B] errors}. A scaled image the encoder
+    cannot take (e.g. a ViT at a fixed input size) leaves that transform out, its error message in
+    ``skipped`` (when given; otherwise it raises)."""
     with torch.no_grad():
         z = encode(images).float()
         out: dict[str, list[np.ndarray]] = {}
-        for _, group, p in transforms_:
-            target = encode(apply(images, group, p)).float()
+        for name, group, p in transforms_:
+            try:
+                target = encode(apply(images, group, p)).float()
+            except (RuntimeError, ValueError) as e:
+                if skipped is None or group != "scale":
+                    raise
+                skipped[name] = f"{type(e).__name__}: {str(e)[:200]}"
+                continue
             moved = apply(z, group, p)
             if moved.shape != target.shape:
                 raise ValueError(f"transform {group} {p}: transformed latent {tuple(moved.shape)} vs latent of the transformed image {tuple(target.shape)}")
@@ -73,19 +81,22 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return (wa[:, None] * fa + wb[:, None] * fb).reshape(a.shape).to(a.dtype)
 
 
-def interpolation_partners(val: Any, train: Any, k: int = 10, seed: int = 0, block: int = 1024) -> np.ndarray:
-    """For each val latent: its top-``k`` cosine nearest train latents (flattened), then one of them
-    drawn with probabilities softmax(-MSE) (seeded). Returns train indices [N_val]."""
-    v = torch.as_tensor(np.asarray(val) if not torch.is_tensor(val) else val).flatten(1).double()
-    t = torch.as_tensor(np.asarray(train) if not torch.is_tensor(train) else train).flatten(1).double()
+def interpolation_partners(val: Any, train: Any, k: int = 10, seed: int = 0, block: int = 256,
+                           device: torch.device | str = "cpu") -> np.ndarray:
+    """For each val latent: its top-``k`` cosine nearest train latents (flattened, float32 on
+    ``device``), then one of them drawn with probabilities softmax(-MSE) (seeded, on the CPU).
+    Returns train indices [N_val]."""
+    v = torch.as_tensor(np.asarray(val) if not torch.is_tensor(val) else val).flatten(1).float()
+    t = torch.as_tensor(np.asarray(train) if not torch.is_tensor(train) else train).flatten(1).float()
     k = min(k, t.shape[0])
-    tn = F.normalize(t, dim=1)
+    t_dev = t.to(device)
+    tn = F.normalize(t_dev, dim=1)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, v.shape[0], block):
-        vb = v[i : i + block]
+        vb = v[i : i + block].to(device)
         top = (F.normalize(vb, dim=1) @ tn.T).topk(k, dim=1).indices
-        mse = (t[top] - vb[:, None, :]).pow(2).mean(-1)
+        mse = (t_dev[top] - vb[:, None, :]).double().pow(2).mean(-1).cpu()
         pick = torch.multinomial(torch.softmax(-mse, dim=1), 1, generator=gen)[:, 0]
-        out.append(top.gather(1, pick[:, None])[:, 0])
+        out.append(top.cpu().gather(1, pick[:, None])[:, 0])
     return torch.cat(out).numpy()
