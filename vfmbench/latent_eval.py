@@ -188,13 +188,12 @@ def _ifid_rows(run, specs: list[MetricSpec], means: torch.Tensor, n: int) -> lis
     """iFID (collective under torchrun): rank 0 picks each val latent's train partner, every rank
     decodes the slerps of its block, and the sharded evaluator compares them with the val images."""
     from . import dist
-    from .checkpoint import load_torch
     from .metrics.latent_model import interpolation_partners, slerp
 
     lc = run.cfg.metrics.latent
     if not any(s.name == "ifid" for s in specs):
         return []
-    train = load_torch(run.stage_dir("latents") / "train.pt")["latents"]
+    train = run._latents("train")["latents"]  # UserError naming the latents stage when it has not run
     partners = interpolation_partners(means, train, lc.ifid_neighbours, run.cfg.run.seed, device=run.device) if dist.is_main() else None
     partners = torch.as_tensor(dist.broadcast_object(partners))
     tok, ev = run.tokenizer(), run.evaluator()
