@@ -60,9 +60,9 @@ def main() -> int:
         t0 = time.perf_counter()
         rows, info = latent_rows(specs, z, y, settings(lc, 0))
         total = time.perf_counter() - t0
-        entry = {"n": args.n, "shape": list(shape), "total_seconds": round(total, 3), "metric_seconds": info["seconds"],
+        entry = {"n": args.n, "shape": list(shape), "total_seconds": round(total, 3), "metric_seconds": info["metric_seconds"],
                  "skipped": sorted(info["skipped"]), "values": {r["metric"]: r["value"] for r in rows}}
-        common.log(f"N={args.n} {text}: {total:.2f} s total; " + ", ".join(f"{k} {v:.2f}s" for k, v in info["seconds"].items()))
+        common.log(f"N={args.n} {text}: {total:.2f} s total; " + ", ".join(f"{k} {v:.2f}s" for k, v in info["metric_seconds"].items()))
         results.append(entry)
     common.write_json(args.out, {"environment": common.environment(torch.device("cpu")), "uniformity": args.uniformity, "results": results})
     print(args.out)

@@ -99,6 +99,8 @@ def test_eval_latents_end_to_end(tmp_path, capsys):
     assert all(r["family"] == "latent" and r["label"] == "smoke" and np.isfinite(r["value"]) for r in rows)
     eq = next(r for r in rows if r["metric"] == "equivariance-rotation")
     assert eq["protocol"]["num_images"] == 8 and eq["value"] > 0  # a random-init conv encoder is not rotation-equivariant
+    done = json.loads((run_dir / "latent-eval" / "done.json").read_text())
+    assert isinstance(done["seconds"], float) and set(done["metric_seconds"]) >= TIER1  # the stage's seconds, then per metric
     std = json.loads((run_dir / "latent-eval" / "standardisation.json").read_text())
     saved = torch.load(run_dir / "latent-eval" / "val_means.pt")
     assert saved["means"].shape[0] == 48 and std["mu"] == pytest.approx(saved["means"].double().mean(dim=(0, 2, 3)).tolist())

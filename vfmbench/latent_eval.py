@@ -106,7 +106,7 @@ def latent_rows(specs: list[MetricSpec], z: Any, labels: Any, st: dict[str, Any]
         seconds[s.name] = round(time.perf_counter() - t0, 3)
         rows.append({"metric": s.name, "metric_version": s.version, "family": s.family, "value": float(value),
                      "higher_is_better": s.higher_is_better, "protocol": dict(proto), "smoke": smoke})
-    info = {"mu": [float(v) for v in mu], "sigma": [float(v) for v in sigma], "grid": list(zs.shape[1:]), "seconds": seconds, "skipped": skipped}
+    info = {"mu": [float(v) for v in mu], "sigma": [float(v) for v in sigma], "grid": list(zs.shape[1:]), "metric_seconds": seconds, "skipped": skipped}
     return rows, info
 
 
@@ -180,7 +180,7 @@ def run_stage(run) -> dict[str, Any]:
     if not dist.is_main():
         return {}
     write_rows(d / "rows.jsonl", [run.row(r) for r in rows])
-    return {"metrics": {r["metric"]: r["value"] for r in rows}, **{k: info[k] for k in ("grid", "seconds", "skipped")},
+    return {"metrics": {r["metric"]: r["value"] for r in rows}, **{k: info[k] for k in ("grid", "metric_seconds", "skipped")},
             "vfm_feature_cache": asdict(run.feature_stats)}
 
 
