@@ -13,6 +13,7 @@ from .plugins import Host
 
 def dry_run(host: Host, cfg: RunConfig) -> dict[str, Any]:
     from .runner import run_name, validate
+    from .sampling import sampler_protocol
 
     validate(host, cfg)
     tok_spec = host.tokenizers.get(cfg.tokenizer.name)
@@ -38,6 +39,7 @@ def dry_run(host: Host, cfg: RunConfig) -> dict[str, Any]:
         "run_name": run_name(host, cfg),
         "latent_shape": list(latent_shape),
         "components": components,
+        "sampler_protocol": sampler_protocol(cfg.diffusion.sample),
         "config": cfg.to_dict(),
     }
 

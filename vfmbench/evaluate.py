@@ -109,7 +109,7 @@ class Evaluator:
         if (extractor, feature) == ("pixels", "psnr"):
             return psnr_per_image(images, recon)
         if (extractor, feature) == ("pixels", "ssim"):
-            return ssim_per_image(images, recon)
+            return ssim_per_image(images, recon, self.cfg.metrics.ssim_range)
         if extractor == LPIPS:
             lp = self.lpips()
             return self._content_cached(f"lpips:{lp.weights_id}", (images, recon), lambda: {"lpips": lp(images, recon)})["lpips"]
@@ -277,7 +277,7 @@ class Evaluator:
             protocol.update(lpips_weights=self.lpips().weights_id)
             smoke = smoke or not self.lpips().is_official
         if any(s.extractor == "pixels" for s in specs):
-            protocol.update(pixel_data_range="[0, 1] (float of uint8/255)")
+            protocol.update(pixel_data_range="[0, 1] (float of uint8/255)", ssim_range=self.cfg.metrics.ssim_range)
         protocol.update(extra_protocol or {})
         memo: dict[tuple, Any] = {}
 
@@ -310,7 +310,8 @@ class Evaluator:
         import inspect
 
         params = inspect.signature(spec.stats).parameters
-        return {"splits": self.cfg.metrics.isc_splits} if "splits" in params else {}
+        settings = {"splits": self.cfg.metrics.isc_splits, "split_order": self.cfg.metrics.isc_split_order}
+        return {k: v for k, v in settings.items() if k in params}
 
     @staticmethod
     def _row(spec: MetricSpec, value: Any, protocol: dict[str, Any], smoke: bool) -> dict[str, Any]:

@@ -95,6 +95,7 @@ def validate(host: Host, cfg: RunConfig) -> None:
     """Resolve every name and argument section before anything is written."""
     from .build import component_args
     from .config import validate_args
+    from .metrics.preflight import check_metrics
 
     tok = host.tokenizers.get(cfg.tokenizer.name)
     validate_args(tok.config, component_args(cfg, tok.name, cfg.tokenizer.args), "tokenizer.args")
@@ -110,11 +111,13 @@ def validate(host: Host, cfg: RunConfig) -> None:
     diff = host.diffusion.get(cfg.diffusion.name)
     validate_args(diff.config, component_args(cfg, diff.name, cfg.diffusion.args), "diffusion.args")
     host.datasets.get(cfg.data.dataset)
-    if cfg.metrics.reference and not Path(cfg.metrics.reference).is_file():
-        raise UserError(f"metrics.reference={cfg.metrics.reference!r} does not exist; pass an ADM reference batch .npz (or '' for the val split)")
+    check_metrics(cfg)  # the ADM reference batch and the IS protocol, before any work (also --dry-run)
     for m in cfg.metrics.names:
         host.metrics.get(m)
     latent_eval.validate(cfg)
+    from .diffusion_weights import check_config
+
+    check_config(cfg.diffusion)
     s = cfg.diffusion.sample
     if s.label_sampling not in ("random", "balanced"):
         raise UserError(f"diffusion.sample.label_sampling must be 'random' or 'balanced', got {s.label_sampling!r}")
@@ -123,6 +126,8 @@ def validate(host: Host, cfg: RunConfig) -> None:
     for section, tc in (("tokenizer", cfg.tokenizer.train), ("diffusion", cfg.diffusion.train)):
         if tc.keep_checkpoints < 1:
             raise UserError(f"{section}.train.keep_checkpoints must be at least 1 (the newest checkpoint), got {tc.keep_checkpoints}")
+        if tc.precision not in ("", "fp32", "bf16"):
+            raise UserError(f"{section}.train.precision must be fp32, bf16 or '' (run.precision), got {tc.precision!r}")
     if cfg.vfm.cache_features not in ("auto", "always", "never"):
         raise UserError(f"vfm.cache_features must be auto, always or never, got {cfg.vfm.cache_features!r}")
     if cfg.run.precision not in ("fp32", "bf16"):
@@ -406,7 +411,7 @@ class Run:
 
         out = {}
         for stage, tc in (("tokenizer", self.cfg.tokenizer.train), ("diffusion", self.cfg.diffusion.train)):
-            if stage not in self.cfg.run.stages or tc.images <= 0 or (stage == "tokenizer" and self.cfg.tokenizer.weights):
+            if stage not in self.cfg.run.stages or tc.images <= 0 or (self.cfg.tokenizer.weights if stage == "tokenizer" else self.cfg.diffusion.weights):
                 continue
             per = dist.per_device_batch(tc.batch_size, tc.grad_accum, f"{stage}.train")
             out[stage] = f"global batch {tc.batch_size} = {per} per device x {dist.world()} ranks x {tc.grad_accum} accumulation steps"
@@ -438,7 +443,7 @@ class Run:
                     total_images=st.images, batch_size=tc.batch_size, ckpt_path=d / f"ckpt-{tag}.pt", seed=self.cfg.run.seed + i,
                     ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints,
                     log_every_images=tc.log_every_images, grad_accum=tc.grad_accum, log_path=d / f"train_log-{tag}.jsonl", desc=f"tokenizer {st.name}",
-                    precision=self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
+                    precision=tc.precision or self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
                 )
                 if is_main():
                     save_torch(tok.weights_state(), final)
@@ -673,6 +678,8 @@ class Run:
     def stage_diffusion(self) -> dict[str, Any]:
         d = self.stage_dir("diffusion")
         d.mkdir(parents=True, exist_ok=True)
+        if self.cfg.diffusion.weights:  # released or earlier weights: nothing to train, the sample stage loads them
+            return {"skipped": "diffusion.weights is set", "weights": self.cfg.diffusion.weights}
         tok = self.tokenizer()
         data = self._latents("train")
         z = tok.normalize(data["latents"].to(self.device))
@@ -702,7 +709,7 @@ class Run:
 
         def get_batch(idx: torch.Tensor):
             idx = idx.to(self.device)
-            use_flip = torch.rand(idx.shape[0], device=self.device) < 0.5  # global RNG: restored on resume
+            use_flip = torch.rand(idx.shape[0], device=self.device) < (0.5 if getattr(model, "train_hflip", True) else 0.0)  # global RNG: restored on resume
             x = torch.where(use_flip.view(-1, 1, 1, 1), zf[idx], z[idx])
             if align is None:
                 return x, labels[idx]
@@ -724,7 +731,7 @@ class Run:
                 ckpt_path=d / "ckpt.pt", seed=self.cfg.run.seed + 1, ema_halflife_images=tc.ema_halflife_images,
                 ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints, log_every_images=tc.log_every_images or max(tc.batch_size, tc.images // 100),
                 grad_accum=tc.grad_accum, log_path=d / "train_log.jsonl", desc="diffusion",
-                precision=self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
+                precision=tc.precision or self.cfg.run.precision, compile=self.cfg.run.compile, compile_backend=self.cfg.run.compile_backend,
             )
             first = first or result
             if curve is not None:
@@ -747,14 +754,15 @@ class Run:
         under torchrun each rank samples its block of batches and rank 0 writes them all."""
         from . import dist
         from .metrics.adm import write_samples_npz
-        from .sampling import sample, sample_labels
+        from .sampling import sample, sample_labels, sample_options
 
         d = self.stage_dir("sample")
         d.mkdir(parents=True, exist_ok=True)
         tok = self.tokenizer()
-        model = self.diffusion_model()
-        model.load_state_dict(load_torch(self.stage_dir("diffusion") / "model.pt", self.device))
-        model.eval()
+        from .diffusion_weights import sample_to_latents, sampling_model
+
+        model, loaded = sampling_model(self.host, self.cfg, tok.latent_shape(self.cfg.data.resolution), self.num_classes,
+                                       self.device, trained=self.stage_dir("diffusion") / "model.pt")
         sc = self.cfg.diffusion.sample
         gen = torch.Generator(self.device).manual_seed(self.cfg.run.seed + 2)
         labels = sample_labels(sc.num_images, self.num_classes, mode=sc.label_sampling, generator=gen).to(self.device)
@@ -766,11 +774,8 @@ class Run:
                 y = labels[start:stop]
                 g = torch.Generator(self.device).manual_seed(dist.derive_seed(self.cfg.run.seed, "sample", k))
                 noise = torch.randn((y.shape[0], *shape), generator=g, device=self.device)
-                z = sample(
-                    model, noise, y, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale, cfg_interval=tuple(sc.cfg_interval),
-                    timestep_shift=sc.timestep_shift, generator=g, precision=self.cfg.sample_precision,
-                )
-                out.append(tok.decode_uint8(tok.denormalize(z)).cpu())
+                z = sample(model, noise, y, **sample_options(sc), generator=g, precision=self.cfg.sample_precision)
+                out.append(tok.decode_uint8(sample_to_latents(tok, z, self.cfg.diffusion)).cpu())
         parts = dist.gather_object(torch.cat(out) if out else None)
         if not dist.is_main():
             return {}
@@ -779,7 +784,7 @@ class Run:
         torch.save(labels.cpu(), d / "labels.pt")
         order = torch.argsort(labels.cpu(), stable=True)[:64]
         save_grid(images[order], d / "samples.png")
-        return {"num_images": int(images.shape[0])}
+        return {"num_images": int(images.shape[0]), "weights": loaded}
 
     def stage_gen_eval(self) -> dict[str, Any]:
         """Every rank featurises its block of the samples (and of the reference on a cache miss);
@@ -800,10 +805,12 @@ class Run:
             ev.add_samples(images[start:stop].to(self.device))
         n = len(self.dataset("val"))
         sc = self.cfg.diffusion.sample
+        from .sampling import sampler_protocol
+
         extra = {
-            "sampler": sc.sampler, "steps": sc.steps, "guidance": "cfg" if sc.cfg_scale != 1.0 else "none",
-            "cfg_scale": sc.cfg_scale, "cfg_interval": list(sc.cfg_interval), "timestep_shift": sc.timestep_shift,
+            **sampler_protocol(sc), "diffusion_weights": Path(self.cfg.diffusion.weights).name if self.cfg.diffusion.weights else "trained",
             "label_sampling": sc.label_sampling, "sample_precision": self.cfg.sample_precision,
+            "diffusion_train_precision": self.cfg.diffusion.train.precision or self.cfg.run.precision,
             "diffusion_images": self.cfg.diffusion.train.images,
             "diffusion_epochs": round(self.cfg.diffusion.train.images / len(self.dataset("train")), 4),
         }
