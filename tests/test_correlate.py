@@ -71,6 +71,7 @@ def test_cli_writes_table_and_plots(tmp_path, capsys):
     rows = []
     for i in range(6):
         rows += [_row(f"run{i}", "viv", 1.0 + i, "latent"), _row(f"run{i}", "lnc", 0.9 - 0.1 * i, "latent", hib=True),
+                 _row(f"run{i}", "rfid", 5.0 - i, "reconstruction"), _row(f"run{i}", "psnr", 20.0 + i, "reconstruction", hib=True),
                  _row(f"run{i}", "gfid", 10.0 + 3 * i + (i % 2), "generation")]
     write_rows(tmp_path / "rows.jsonl", rows)
     out = tmp_path / "board" / "lb.md"
@@ -80,7 +81,8 @@ def test_cli_writes_table_and_plots(tmp_path, capsys):
     line = next(ln for ln in text.splitlines() if ln.startswith("| viv"))
     assert "| 6 " in line and "+0.9" in line
     pngs = sorted((tmp_path / "board" / "lb-correlate").glob("*.png"))
-    assert len(pngs) == 2 and all(p.stat().st_size > 1000 for p in pngs)
+    assert len(pngs) == 3 and all(p.stat().st_size > 1000 for p in pngs)  # viv, lnc and the rFID baseline (not psnr)
+    assert "| rfid " in text
     assert "lb-correlate/" in text
     assert "Latent diffusability" in text  # the latent family's leaderboard table
 

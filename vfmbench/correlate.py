@@ -1,7 +1,7 @@
 """``vfmbench leaderboard --correlate METRIC``: how well each latent metric predicts a target metric
 (gFID by default in the docs, any metric name works) across the runs a user has.
 
-Pairs: a latent row (family ``latent``) and a target row of the same run (same ``run_id``), or, for
+Pairs: a predictor row (family ``latent``, and rFID as the baseline) and a target row of the same run (same ``run_id``), or, for
 published numbers (label ``paper``, e.g. ``leaderboards/published-gfid-cross-family.yaml``), of the
 same ``tokenizer``. Pairs are grouped by (latent metric, the latent row's protocol id, the target
 row's protocol id): only values measured under one protocol are correlated. Per group: n, Pearson,
@@ -24,6 +24,8 @@ from .results import protocol_id
 
 BOOTSTRAP = 1000
 MIN_POINTS = 3
+# reported beside the latent metrics: across families, reconstruction can dominate gFID (diffusability.md §8)
+BASELINES = ("rfid",)
 # target-protocol keys shown under each table's heading (the full protocols are in the leaderboard tables)
 TARGET_KEYS = ("diffusion", "guidance", "cfg_scale", "sampler", "steps", "diffusion_images", "num_images", "epochs")
 
@@ -80,7 +82,7 @@ def pair_rows(rows: list[dict[str, Any]], target: str) -> list[Group]:
             by_key[("run", t["run_id"])].append(t)
     groups: dict[tuple[str, str, str], Group] = {}
     for r in rows:
-        if r.get("family") != "latent" or r.get("metric") == target:
+        if (r.get("family") != "latent" and r.get("metric") not in BASELINES) or r.get("metric") == target:
             continue
         keys = [("tokenizer", r.get("tokenizer", ""))] if r.get("label") == "paper" else [("run", r["run_id"]), ("tokenizer", r.get("tokenizer", ""))]
         lpid = protocol_id(r)
@@ -134,7 +136,7 @@ def report(rows: list[dict[str, Any]], target: str, plot_dir: Path, link_base: P
 
     groups = pair_rows(rows, target)
     out = [f"## Latent metrics as predictors of {target}", "",
-           f"Correlation of each latent metric with `{target}` over runs measured under one protocol (n = runs; "
+           f"Correlation of each latent metric (and rFID, the baseline) with `{target}` over runs measured under one protocol (n = runs; "
            f"95% percentile bootstrap intervals over {n_boot} resamples, seed {seed}). Validity across tokenizer families "
            "(latent shape, scale) is not established: compare within a family first (docs/latent-metrics.md).", ""]
     by_pids: dict[tuple[str, str], list[Group]] = defaultdict(list)
@@ -145,7 +147,7 @@ def report(rows: list[dict[str, Any]], target: str, plot_dir: Path, link_base: P
         paper = any("paper" in g.labels for g in gs)
         tag = "smoke" if smoke else ("paper" if paper else "official")
         shown = "; ".join(f"{k}={v}" for k, v in sorted(gs[0].target_protocol.items()) if k in TARGET_KEYS)
-        out += [f"### latent protocol `{lpid}` × {target} protocol `{tpid}` · `{tag}`", ""] + ([f"{target} protocol: {shown}", ""] if shown else [])
+        out += [f"### predictor protocol `{lpid}` × {target} protocol `{tpid}` · `{tag}`", ""] + ([f"{target} protocol: {shown}", ""] if shown else [])
         if smoke:
             out += ["> **smoke**: random-init models on tiny data; these correlations test the pipeline only.", ""]
         table = []
@@ -158,7 +160,7 @@ def report(rows: list[dict[str, Any]], target: str, plot_dir: Path, link_base: P
                 continue
             table.append([g.metric, "↑" if g.higher_is_better else "↓", c["n"], _ci(c["pearson"], c["pearson_ci"]),
                           _ci(c["spearman"], c["spearman_ci"]), _ci(c["kendall"], c["kendall_ci"]), f"[scatter]({link})"])
-        out.append(tabulate(table, headers=["latent metric", "better", "n", "Pearson r [95% CI]", "Spearman ρ [95% CI]", "Kendall τ [95% CI]", "plot"],
+        out.append(tabulate(table, headers=["predictor", "better", "n", "Pearson r [95% CI]", "Spearman ρ [95% CI]", "Kendall τ [95% CI]", "plot"],
                             tablefmt="github", disable_numparse=True))
         out.append("")
     return "\n".join(out)
