@@ -330,24 +330,24 @@ def test_runner_batches_workers_shards_and_corrupt_file(folder, tmp_path, monkey
 
     run = _run(folder, tmp_path / "runs", "data.num_workers=2")
     ref = _run(folder, tmp_path / "runs", "data.num_workers=0")
-    a, b = list(run._iter_split("train", 0, "t")), list(ref._iter_split("train", 0, "t"))
+    a, b = list(run.iter_split("train", 0, "t")), list(ref.iter_split("train", 0, "t"))
     assert [len(y) for _, y in a] == [4, 2] and _same(a, b)
-    assert _same([run._image_batch("train", torch.tensor([5, 1, 1]))], [ref._image_batch("train", torch.tensor([5, 1, 1]))])
-    assert _same(list(ref._iter_split("train", 5, "t", shard=True)), list(ref._iter_split("train", 5, "t")))  # not distributed
+    assert _same([run.image_batch("train", torch.tensor([5, 1, 1]))], [ref.image_batch("train", torch.tensor([5, 1, 1]))])
+    assert _same(list(ref.iter_split("train", 5, "t", shard=True)), list(ref.iter_split("train", 5, "t")))  # not distributed
     # under torchrun: each rank a contiguous block of batches; together every index exactly once
     monkeypatch.setattr(dist, "is_distributed", lambda: True)
     monkeypatch.setattr(dist, "world", lambda: 2)
     seen = []
     for r in (0, 1):
         monkeypatch.setattr(dist, "rank", lambda r=r: r)
-        seen.append(torch.cat([y for _, y in ref._iter_split("train", 0, "t", shard=True)]))
+        seen.append(torch.cat([y for _, y in ref.iter_split("train", 0, "t", shard=True)]))
     monkeypatch.undo()
     assert torch.equal(torch.cat(seen), torch.cat([y for _, y in b])) and len(seen[0]) == 4 and len(seen[1]) == 2
     _truncate(folder / "train" / "dog" / "im0.jpeg")
     fresh = _run(folder, tmp_path / "runs")
     with pytest.raises(UserError, match=r"train/dog/im0\.jpeg.*data\.skip_corrupt=true"):
-        fresh._image_batch("train", torch.arange(6))
+        fresh.image_batch("train", torch.arange(6))
     with pytest.raises(UserError, match=r"train/dog/im0\.jpeg"):
-        list(fresh._iter_split("train", 0, "t"))
+        list(fresh.iter_split("train", 0, "t"))
     with pytest.raises(UserError, match=r"data\.num_workers must be >= 0"):
         _run(folder, tmp_path / "runs", "data.num_workers=-1")

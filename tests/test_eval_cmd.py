@@ -77,10 +77,10 @@ def test_a_prefix_reference_reads_the_whole_split_cache(host, tmp_path, session_
     assert small.id == "t:val:6" and full.id == "t:val:10"
     a, b = small.get_features(), full.get_features()
     assert len(passes) == 1 and ev.reference_cache_hits == 1
-    assert a["pool"].shape[0] == 6 and b["pool"].shape[0] == 10
-    np.testing.assert_array_equal(a["pool"], b["pool"][:6])
+    assert a["inception/pool"].shape[0] == 6 and b["inception/pool"].shape[0] == 10
+    np.testing.assert_array_equal(a["inception/pool"], b["inception/pool"][:6])
     direct = ev.inception()(images[:6])["pool"]
-    np.testing.assert_allclose(a["pool"], direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a["inception/pool"], direct, rtol=1e-5, atol=1e-6)
 
 
 def test_candidate_features_are_cached_by_their_pixels(host, tmp_path, session_cache):
@@ -98,7 +98,7 @@ def test_candidate_features_are_cached_by_their_pixels(host, tmp_path, session_c
     first.add_samples(images)
     second.add_samples(images)
     assert first.image_feature_cache == {"hits": 0, "misses": 1} and second.image_feature_cache == {"hits": 1, "misses": 0}
-    np.testing.assert_array_equal(first._features["pool"][0], second._features["pool"][0])
+    np.testing.assert_array_equal(first._features["inception/pool"][0], second._features["inception/pool"][0])
     changed = images.clone()
     changed[0, 0, 0, 0] ^= 1  # one pixel, one bit
     second.add_samples(changed)
@@ -106,4 +106,4 @@ def test_candidate_features_are_cached_by_their_pixels(host, tmp_path, session_c
     off = evaluator(cache_image_features=False)
     off.add_samples(images)
     assert off.image_feature_cache == {"hits": 0, "misses": 0}
-    np.testing.assert_array_equal(off._features["pool"][0], first._features["pool"][0])
+    np.testing.assert_array_equal(off._features["inception/pool"][0], first._features["inception/pool"][0])

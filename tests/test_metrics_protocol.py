@@ -22,9 +22,9 @@ def _finish(host, tmp_path, names, splits, reference_rows=40, candidate_rows=32,
     cfg = resolve([{"metrics": {"names": names, "isc_splits": splits}, "run": {"smoke": True, "cache_dir": str(tmp_path)}}])
     ev = Evaluator(host, cfg, torch.device("cpu"), tmp_path / "cache")
     rng = np.random.default_rng(0)
-    ev._features["logits"].append(rng.normal(size=(candidate_rows, 1008)))
-    ev._features["pool"].append(rng.normal(size=(candidate_rows, 16)))
-    ref_feats = {"pool": rng.normal(size=(reference_rows, 16)) + 0.2}
+    ev._features["inception/logits"].append(rng.normal(size=(candidate_rows, 1008)))
+    ev._features["inception/pool"].append(rng.normal(size=(candidate_rows, 16)))
+    ref_feats = {"inception/pool": rng.normal(size=(reference_rows, 16)) + 0.2}
     return ev.finish("generation", Reference(ref_id, lambda: ref_feats), extra_protocol={"sampler": "euler"})
 
 
@@ -100,7 +100,7 @@ def test_is_split_order_adm_and_torch_fidelity(host, tmp_path):
     for order in ("shuffled", "consecutive"):
         cfg = resolve([{"metrics": {"names": ["is"], "isc_splits": 4, "isc_split_order": order}, "run": {"smoke": True}}])
         ev = Evaluator(host, cfg, torch.device("cpu"), tmp_path / order)
-        ev._features["logits"].append(np.random.default_rng(0).normal(size=(32, 1008)))
+        ev._features["inception/logits"].append(np.random.default_rng(0).normal(size=(32, 1008)))
         cfg_rows.append(ev.finish("generation", Reference("t:val:40", None)))
     assert "RandomState(2020)" in cfg_rows[0][0]["protocol"]["split_order"]  # the default: torch-fidelity
     assert cfg_rows[1][0]["protocol"]["split_order"] == "consecutive chunks, not shuffled"

@@ -74,7 +74,8 @@ def snapshot(run_dir: Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.mark.slow
-def test_failing_combination_is_recorded_and_reruns_do_no_repeated_work(tmp_path, capsys):
+def test_failing_combination_is_recorded_and_reruns_do_no_repeated_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VFMBENCH_LOAD_PLUGINS", "flaky")  # --plugins-dir files are third-party plugins: allow-listed
     out, plugins = tmp_path / "runs", write_plugin(tmp_path / "plugins", broken=True)
     sweep = write_sweep(tmp_path / "s.yaml", out, {"tokenizer": ["kl-vae"], "tokenizer.train.lr": [1e-3, 2e-3]},
                         include=[{"tokenizer": "flaky-vae"}])
@@ -262,6 +263,7 @@ def test_slurm_launcher_on_submitit_local_executor(tmp_path, monkeypatch):
     from vfmbench.sweep import run_sweep
 
     monkeypatch.chdir(ROOT)  # the job's torchrun runs `python -m vfmbench.cli` from the submitting folder
+    monkeypatch.setenv("VFMBENCH_LOAD_PLUGINS", "flaky")  # the jobs' --plugins-dir file is allow-listed
     out, plugins = tmp_path / "runs", write_plugin(tmp_path / "plugins", broken=True)
     sweep = write_sweep(tmp_path / "s.yaml", out, {"tokenizer": ["kl-vae", "flaky-vae"]})
     from vfmbench.cli import _load_plugins_dir

@@ -92,13 +92,15 @@ def test_latent_cache_key_follows_weights_images_and_seed(host, tmp_path):
     import dataclasses
 
     cfg = config(host, tmp_path, "vfm-vae-decoder", 32)
+    from vfmbench.stages.latents import latent_cache_key
+
     run = Run.prepare(host, cfg)
-    key = run._latent_cache_key()
-    assert run._latent_cache_key() == key and len(key) == 16
+    key = latent_cache_key(run.ctx)
+    assert latent_cache_key(run.ctx) == key and len(key) == 16
     name, param = next((n, p) for n, p in run.tokenizer().named_parameters() if not n.startswith(run.tokenizer().frozen_prefixes))
     with torch.no_grad():
         param.view(-1)[0] += 1e-6  # one weight, barely: other latents
-    assert run._latent_cache_key() != key, name
+    assert latent_cache_key(run.ctx) != key, name
     for section, change in (("run", {"seed": 1}), ("data", {"train_images": 64})):
         other = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **change)})
-        assert Run.prepare(host, other)._latent_cache_key() != key, section
+        assert latent_cache_key(Run.prepare(host, other).ctx) != key, section

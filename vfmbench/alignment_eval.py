@@ -167,7 +167,7 @@ def evaluate_alignment(host, run_dir: Path, num_images: int = NUM_IMAGES, topk: 
     from .checkpoint import load_torch, write_json
     from .config import RunConfig, build_dataclass
     from .metrics.cknna import layer_table, plot_layer_table
-    from .runner import Run
+    from .context import RunContext
     from .vfm import build_vfm
 
     cfg_path = run_dir / "config.json"
@@ -178,7 +178,7 @@ def evaluate_alignment(host, run_dir: Path, num_images: int = NUM_IMAGES, topk: 
     if topk < 2:
         raise UserError(f"--topk must be at least 2 (CKNNA's neighbours), got {topk}")
     cfg = build_dataclass(RunConfig, json.loads(cfg_path.read_text())["config"])
-    run = Run(host=host, cfg=cfg, run_dir=run_dir)
+    run = RunContext(host=host, cfg=cfg, run_dir=run_dir)
     tok = run.tokenizer()
     ref_cfg = cfg.vfm
     if reference_vfm:
@@ -222,7 +222,7 @@ def evaluate_alignment(host, run_dir: Path, num_images: int = NUM_IMAGES, topk: 
     with torch.no_grad():
         for start in range(0, n, BATCH):
             positions = torch.arange(start, min(start + BATCH, n))
-            images, _ = run._image_batch("val", idx[positions])
+            images, _ = run.image_batch("val", idx[positions])
             whole = [(torch.arange(len(positions)), images)]
             clean_ref.append(_ordered(whole, vfm_feats, len(positions)))
             clean_tok.append(_ordered(whole, tok_feats, len(positions)))

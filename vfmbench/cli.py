@@ -16,31 +16,34 @@ from typing import Any
 
 from .errors import UserError
 
-LIST_KINDS = ("tokenizers", "vfms", "decoders", "diffusion", "datasets", "metrics", "presets")
+LIST_KINDS = ("tokenizers", "vfms", "decoders", "diffusion", "datasets", "extractors", "metrics", "presets", "stages")
 DEFAULT_PRESET = "smoke"
 
 
-def _host(args):
-    from .plugins import get_plugin_manager
+def _host(args, quiet: bool = False):
+    """The plugin host; a plugin that failed to load is warned about (``vfmbench plugins`` shows why)."""
+    from .plugins import get_plugin_manager, warn
 
-    extra = []
-    if getattr(args, "plugins_dir", None):
-        extra = _load_plugins_dir(Path(args.plugins_dir))
-    return get_plugin_manager(extra_plugins=extra)
+    local = _plugins_dir_files(Path(args.plugins_dir)) if getattr(args, "plugins_dir", None) else []
+    host = get_plugin_manager(local_plugins=local)
+    if not quiet:
+        for p in host.failed.values():
+            warn(f"plugin {p.name!r} ({p.distribution}) is not loaded: {p.error.splitlines()[0]} (see `vfmbench plugins`)")
+    return host
+
+
+def _plugins_dir_files(folder: Path) -> list[tuple[str, Path]]:
+    """``(plugin name, file)`` of every ``*.py`` in a ``--plugins-dir`` folder (the name: the file stem, '_' -> '-')."""
+    if not folder.is_dir():
+        raise UserError(f"--plugins-dir {str(folder)!r} is not a folder")
+    return [(f.stem.replace("_", "-"), f) for f in sorted(folder.glob("*.py"))]
 
 
 def _load_plugins_dir(folder: Path) -> list[tuple[str, Any]]:
-    import importlib.util
+    """The modules of a ``--plugins-dir`` folder, imported (for ``get_plugin_manager(extra_plugins=...)``)."""
+    from .plugins import _import_file
 
-    if not folder.is_dir():
-        raise UserError(f"--plugins-dir {str(folder)!r} is not a folder")
-    out = []
-    for f in sorted(folder.glob("*.py")):
-        spec = importlib.util.spec_from_file_location(f"vfmbench_local_{f.stem}", f)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        out.append((f.stem.replace("_", "-"), mod))
-    return out
+    return [(name, _import_file(name, f)) for name, f in _plugins_dir_files(folder)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,16 +51,19 @@ def _load_plugins_dir(folder: Path) -> list[tuple[str, Any]]:
 
 
 def cmd_plugins(args) -> int:
-    host = _host(args)
-    items = [dataclasses.asdict(p) for _, p in sorted(host.plugins.items())]
+    """Every plugin: loaded ones with their hooks and components, failed ones with the error,
+    disabled ones with the reason (and the components they would register)."""
+    host = _host(args, quiet=True)
+    every = {**host.disabled, **host.failed, **host.plugins}
+    items = [dataclasses.asdict(p) for _, p in sorted(every.items())]
     if args.json:
         print(json.dumps(items, indent=2))
     else:
         from tabulate import tabulate
 
-        rows = [[p["name"], p["version"], p["distribution"], ", ".join(p["hooks"]),
+        rows = [[p["name"], p["status"] + (f": {p['error']}" if p["error"] else ""), p["version"], p["distribution"], ", ".join(p["hooks"]),
                  "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(p["components"].items()))] for p in items]
-        print(tabulate(rows, headers=["plugin", "version", "distribution", "hooks", "components"], tablefmt="github"))
+        print(tabulate(rows, headers=["plugin", "status", "version", "distribution", "hooks", "components"], tablefmt="github"))
     return 0
 
 
@@ -81,6 +87,15 @@ def cmd_list(args) -> int:
     elif args.kind == "tokenizers":
         rows = [[s.name, f"f{s.downsample}d{s.latent_channels}", "yes" if s.uses_vfm else "no", s.default_decoder or "fixed", s.description] for s in reg]
         headers = ["name", "latent", "frozen VFM", "decoder", "description"]
+    elif args.kind == "extractors":
+        rows = [[s.name, s.inputs, ", ".join(s.features), reg.owner(s.name), s.description] for s in reg]
+        headers = ["name", "inputs", "features", "plugin", "description"]
+    elif args.kind == "stages":
+        from .planner import stage_order
+
+        rows = [[s.name, ", ".join(s.needs), ", ".join(s.produces), "all ranks" if s.parallel else "rank 0", reg.owner(s.name), s.description]
+                for s in (reg.get(n) for n in stage_order(host))]
+        headers = ["name (plan order)", "needs", "produces", "runs on", "plugin", "description"]
     else:
         rows = [[s.name, ", ".join(s.aliases), s.version, s.description] for s in reg]
         headers = ["name", "aliases", "version", "description"]
@@ -107,7 +122,7 @@ def resolve_run_config(host, preset: str | None, config_file: str | None, sets: 
             layers.append({section: {key: value}})
     for s in sets:
         layers.append(parse_set(s))
-    return resolve(layers)
+    return resolve(layers, host.stages.names())
 
 
 def _stages(value: str | None) -> list[str] | None:
@@ -134,6 +149,9 @@ def cmd_run(args) -> int:
             from .dryrun import format_report
 
             print(format_report(report))
+        blocked = [s for s in report["plan"]["steps"] if s["action"] == "blocked"]
+        if blocked:
+            raise UserError("the run cannot start: " + "; ".join(f"stage {s['stage']!r} {s['why']}" for s in blocked))
         return 0
     from . import dist
     from .runner import Run
@@ -311,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", help="YAML file composed over the preset")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable), e.g. data.resolution=128")
     sp.add_argument("--out", help="parent folder of run directories (default: runs)")
-    sp.add_argument("--stages", help="comma-separated subset of: tokenizer,recon-eval,latents,latent-eval,probe,diffusion,sample,gen-eval,results")
-    sp.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, build no weights, train nothing")
+    sp.add_argument("--stages", help="comma-separated stages to run (default: every registered stage; `vfmbench list stages`), "
+                    "e.g. tokenizer,recon-eval,latents,latent-eval,probe,diffusion,sample,gen-eval,results")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan (run, skip, blocked and why), the resolved config and parameter counts; build no weights, train nothing")
     sp.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     sp.set_defaults(func=cmd_run)
 

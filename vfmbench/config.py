@@ -15,12 +15,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 from .errors import UserError, did_you_mean
 
+# The built-in stages (vfmbench.stages), in plan order; plugins may register more.
 STAGES = ("tokenizer", "recon-eval", "latents", "latent-eval", "probe", "diffusion", "sample", "gen-eval", "results")
 
 
@@ -31,7 +32,7 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16: autocast of training forwards, encoding and decoding (docs/performance.md)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=list)  # [] = every registered stage (vfmbench.planner)
     cache_dir: str = ""  # features, reference statistics, smoke weights; default ~/.cache/vfmbench
     smoke: bool = False  # random-init weights are allowed; every number is labelled 'smoke'
     tf32: bool = False  # TF32 tensor cores for float32 matmuls and convolutions (CUDA, Ampere and later)
@@ -318,15 +319,17 @@ def build_dataclass(cls: type, values: Mapping[str, Any], where: str = "") -> An
     return cls(**kwargs)
 
 
-def resolve(layers: list[Mapping[str, Any]]) -> RunConfig:
-    """Merge config layers in order and validate them into a ``RunConfig``."""
+def resolve(layers: list[Mapping[str, Any]], stage_names: Iterable[str] = STAGES) -> RunConfig:
+    """Merge config layers in order and validate them into a ``RunConfig``; ``run.stages`` must name
+    stages of ``stage_names`` (the registered stages: ``host.stages.names()``; default the built-ins)."""
     merged: dict = {}
     for layer in layers:
         merged = deep_merge(merged, layer)
     cfg = build_dataclass(RunConfig, merged)
-    bad = [s for s in cfg.run.stages if s not in STAGES]
+    stage_names = tuple(stage_names)
+    bad = [s for s in cfg.run.stages if s not in stage_names]
     if bad:
-        raise UserError(f"unknown stage {bad[0]!r} in run.stages: {did_you_mean(bad[0], STAGES)}")
+        raise UserError(f"unknown stage {bad[0]!r} in run.stages: {did_you_mean(bad[0], stage_names)}")
     return cfg
 
 

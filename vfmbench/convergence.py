@@ -90,7 +90,7 @@ def plot_curve(rows: list[dict[str, Any]], out_path: str | Path, images_per_epoc
 
 
 class ConvergenceCurve:
-    """The convergence evaluation of one run's diffusion stage (``run`` is a ``vfmbench.runner.Run``)."""
+    """The convergence evaluation of one run's diffusion stage (``run`` is the stage's ``vfmbench.context.RunContext``)."""
 
     def __init__(self, run, model: nn.Module, settings: dict[str, Any], out_dir: Path):
         self.run, self.model, self.out_dir = run, model, Path(out_dir)

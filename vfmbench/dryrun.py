@@ -1,5 +1,6 @@
-"""``vfmbench run --dry-run``: the resolved config and every component's parameter counts,
-built on the meta device (no weights are read or downloaded, nothing is trained or written)."""
+"""``vfmbench run --dry-run``: the plan (each stage: run, skip or blocked and why), the resolved
+config and every component's parameter counts, built on the meta device (no weights are read or
+downloaded, nothing is trained or written)."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,10 +13,15 @@ from .plugins import Host
 
 
 def dry_run(host: Host, cfg: RunConfig) -> dict[str, Any]:
-    from .runner import run_name, validate
+    from pathlib import Path
+
+    from .planner import make_plan
+    from .runner import resolve_stages, run_name, validate
     from .sampling import sampler_protocol
 
     validate(host, cfg)
+    cfg = resolve_stages(host, cfg)
+    plan = make_plan(host, cfg.run.stages, Path(cfg.run.out) / run_name(host, cfg), cfg)
     tok_spec = host.tokenizers.get(cfg.tokenizer.name)
     ctx = BuildContext(host=host, config=cfg, meta=True)
     with torch.device("meta"):
@@ -40,6 +46,7 @@ def dry_run(host: Host, cfg: RunConfig) -> dict[str, Any]:
         "latent_shape": list(latent_shape),
         "components": components,
         "sampler_protocol": sampler_protocol(cfg.diffusion.sample),
+        "plan": plan.to_dict(),
         "config": cfg.to_dict(),
     }
 
@@ -47,7 +54,9 @@ def dry_run(host: Host, cfg: RunConfig) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     import yaml
 
-    lines = [f"run directory: {report['run_name']}", f"latent shape: {report['latent_shape']}", "", "parameters:"]
+    lines = [f"run directory: {report['run_name']}", f"latent shape: {report['latent_shape']}", "", "plan:"]
+    lines += [f"  {s['action']:<8} {s['stage']:<14} {s['why']}".rstrip() for s in report["plan"]["steps"]]
+    lines += ["", "parameters:"]
     for kind, c in report["components"].items():
         lines.append(f"  {kind:<10} {c['name']:<24} total {c['total']:>14,}   trainable {c['trainable']:>14,}")
     lines += ["", "resolved config:", yaml.safe_dump(report["config"], sort_keys=False).rstrip()]

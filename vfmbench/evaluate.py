@@ -1,8 +1,10 @@
 """Evaluation orchestration: feature extraction, reference statistics (cached), and the metric
 specs' pure ``stats``/``value`` stages, producing protocol-complete rows.
 
-A feature set is computed once per image set and shared by every metric that reads it (rFID,
-KID, precision/recall and sFID all read one Inception pass). Reference features of a dataset split
+Feature extractors are plugins (``register_extractors``; built-ins ``inception``, ``lpips-vgg``,
+``pixels``): each selected metric names its extractor and feature, and features are keyed
+``extractor/feature``. A feature set is computed once per image set and shared by every metric that
+reads it (rFID, KID, precision/recall and sFID all read one Inception pass). Reference features of a dataset split
 are cached on disk, keyed by (dataset id, split, resolution, number of images, extractor and its
 weights hash), and reused across runs and combinations.
 
@@ -30,12 +32,14 @@ from .specs import MetricSpec
 
 INCEPTION = "inception"
 LPIPS = "lpips-vgg"
+FEATURE_INPUTS = {"distribution": "images", "single": "images", "pairs": "pairs"}  # metric inputs -> extractor inputs
 
 
 @dataclass
 class Reference:
     """What candidates are compared with: an id for the protocol, lazily computed features, and
-    precomputed statistics per feature (e.g. an ADM batch's mu/sigma) for 'gaussian' metrics."""
+    precomputed statistics per feature (e.g. an ADM batch's mu/sigma) for 'gaussian' metrics; both
+    keyed ``extractor/feature`` (``inception/pool``)."""
 
     id: str
     features: Callable[[], dict[str, np.ndarray]] | None
@@ -46,6 +50,11 @@ class Reference:
         if self._cache is None and self.features is not None:
             self._cache = self.features()
         return self._cache
+
+
+def _key(spec: MetricSpec) -> str:
+    """Where a metric's features are kept: ``extractor/feature``."""
+    return f"{spec.extractor}/{spec.feature}"
 
 
 def _concat_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -63,8 +72,7 @@ class Evaluator:
         self.sharded = sharded
         names = cfg.metrics.names or host.metrics.names()
         self.specs: list[MetricSpec] = [host.metrics.get(n) for n in names]
-        self._inception = None
-        self._lpips = None
+        self._extractors: dict[str, Any] = {}
         self._features: dict[str, list[np.ndarray]] = defaultdict(list)
         self._pairs: dict[str, list[np.ndarray]] = defaultdict(list)
         self.cache = StatsCache(self.cache_dir / "reference")
@@ -75,48 +83,36 @@ class Evaluator:
     def family_specs(self, family: str) -> list[MetricSpec]:
         return [s for s in self.specs if s.family == family]
 
-    def _inception_features_needed(self) -> tuple[str, ...]:
-        feats = sorted({s.feature for s in self.specs if s.extractor == INCEPTION})
-        return tuple(feats)
+    def features_needed(self, inputs: str, family: str | None = None) -> dict[str, tuple[str, ...]]:
+        """Extractor name -> the features the selected metrics read from it (extractors taking ``inputs``)."""
+        need: dict[str, set[str]] = defaultdict(set)
+        for s in self.specs:
+            if FEATURE_INPUTS.get(s.inputs) == inputs and (family is None or s.family == family):
+                need[s.extractor].add(s.feature)
+        return {k: tuple(sorted(v)) for k, v in sorted(need.items())}
 
     def check_weights(self) -> None:
-        """Resolve the weights every selected extractor needs (raises MissingWeightsError with where it looked)."""
-        if self._inception_features_needed():
-            self.inception()
-        if any(s.extractor == LPIPS for s in self.specs) and "recon-eval" in self.cfg.run.stages:
-            self.lpips()
+        """Build every extractor the selected metrics need (resolving weights: raises
+        MissingWeightsError with where it looked); pair extractors only when recon-eval runs."""
+        for name in self.features_needed("images"):
+            self.extractor(name)
+        if "recon-eval" in self.cfg.run.stages:
+            for name in self.features_needed("pairs"):
+                self.extractor(name)
+
+    def extractor(self, name: str):
+        """The built extractor ``name`` (``ExtractorSpec.factory``), for the features the metrics read."""
+        if name not in self._extractors:
+            spec = self.host.extractors.get(name)
+            feats = self.features_needed(spec.inputs).get(spec.name) or spec.features
+            self._extractors[name] = spec.factory(self.cfg, feats, self.device, self.cache_dir)
+        return self._extractors[name]
 
     def inception(self):
-        if self._inception is None:
-            from .metrics.inception import InceptionFeatures
-
-            self._inception = InceptionFeatures.from_config(
-                self.cfg.metrics.inception_weights, self.cfg.run.smoke, self.cache_dir, device=self.device,
-                batch_size=self.cfg.metrics.batch_size, features=self._inception_features_needed(),
-            )
-        return self._inception
+        return self.extractor(INCEPTION).net
 
     def lpips(self):
-        if self._lpips is None:
-            from .metrics.image import LpipsVgg
-
-            self._lpips = LpipsVgg(self.cfg.metrics.lpips_weights, smoke=self.cfg.run.smoke, cache_dir=self.cache_dir, device=self.device)
-        return self._lpips
-
-    def _pair_scores(self, extractor: str, feature: str, images: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
-        from .metrics.image import psnr_per_image, ssim_per_image
-
-        if (extractor, feature) == ("pixels", "psnr"):
-            return psnr_per_image(images, recon)
-        if (extractor, feature) == ("pixels", "ssim"):
-            return ssim_per_image(images, recon, self.cfg.metrics.ssim_range)
-        if extractor == LPIPS:
-            lp = self.lpips()
-            return self._content_cached(f"lpips:{lp.weights_id}", (images, recon), lambda: {"lpips": lp(images, recon)})["lpips"]
-        raise ValueError(
-            f"pair-metric features {extractor}/{feature} are not known to the evaluator "
-            "(known: pixels/psnr, pixels/ssim, lpips-vgg/lpips)"
-        )
+        return self.extractor(LPIPS).net
 
     # -- accumulation -----------------------------------------------------------------------------
     def _content_cached(self, kind: str, tensors: tuple[torch.Tensor, ...], compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -152,20 +148,28 @@ class Evaluator:
         self.image_feature_cache["misses"] += 1
         return out
 
-    def _inception_of(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        inc = self.inception()
-        kind = f"inception-v3-compat:{inc.weights_id}:{','.join(inc.features)}"
-        return self._content_cached(kind, (images,), lambda: inc(images))
+    def _extract(self, name: str, *tensors: torch.Tensor) -> dict[str, np.ndarray]:
+        """One extractor's outputs of ``tensors`` (images, or images and reconstructions), read from
+        the content cache when its ``cache_name`` is set."""
+        ex = self.extractor(name)
+        cache_name = getattr(ex, "cache_name", name)
+        if not cache_name:
+            return ex(*tensors)
+        kind = f"{cache_name}:{ex.weights_id}:{','.join(ex.features)}"
+        return self._content_cached(kind, tensors, lambda: ex(*tensors))
 
     def add_samples(self, images: torch.Tensor) -> None:
-        if self._inception_features_needed():
-            for k, v in self._inception_of(images).items():
-                self._features[k].append(v)
+        for name, feats in self.features_needed("images").items():
+            out = self._extract(name, images)
+            for f in feats:
+                self._features[f"{name}/{f}"].append(out[f])
 
     def add_pairs(self, images: torch.Tensor, recon: torch.Tensor) -> None:
         self.add_samples(recon)
-        for ext, feat in sorted({(s.extractor, s.feature) for s in self.family_specs("reconstruction") if s.inputs == "pairs"}):
-            self._pairs[f"{ext}/{feat}"].append(self._pair_scores(ext, feat, images, recon))
+        for name, feats in self.features_needed("pairs", "reconstruction").items():
+            out = self._extract(name, images, recon)
+            for f in feats:
+                self._pairs[f"{name}/{f}"].append(out[f])
 
     def dataset_reference(self, key: dict[str, Any], batches: Callable[[], Iterable[torch.Tensor]], take: int | None = None) -> "Reference":
         """A dataset split as the reference; its Inception features are cached on disk and reused.
@@ -199,9 +203,9 @@ class Evaluator:
         sha = file_sha256(path, self.cache_dir)[:16]
         override = {}
         if ref.pool_stats() is not None:
-            override["pool"] = dict(zip(("mu", "sigma"), ref.pool_stats()))
+            override[f"{INCEPTION}/pool"] = dict(zip(("mu", "sigma"), ref.pool_stats()))
         if ref.spatial_stats() is not None:
-            override["spatial"] = dict(zip(("mu", "sigma"), ref.spatial_stats()))
+            override[f"{INCEPTION}/spatial"] = dict(zip(("mu", "sigma"), ref.spatial_stats()))
         features = None
         if ref.images is not None:
             images = ref.images_nchw()
@@ -209,27 +213,42 @@ class Evaluator:
         return Reference(f"adm:{Path(path).name}:{sha}", features, override)
 
     def _cached_features(self, key: dict[str, Any], batches: Callable[[], Iterable[torch.Tensor]]) -> dict[str, np.ndarray]:
-        inc = self.inception()
-        full_key = {**key, "extractor": "inception-v3-compat", "weights": inc.weights_id, "features": list(inc.features), "version": 1}
-        k = self.cache.key(**full_key)
+        """Every needed image extractor's features of a reference set, ``extractor/feature`` keyed;
+        each extractor's are cached on disk under ``key`` plus its cache name, weights and features."""
         sharded = self._distributed()
-        hit = self.cache.get(k) if dist.is_main() or not sharded else None
-        if (dist.broadcast_object(hit is not None) if sharded else hit is not None):
-            if hit is None:
-                return {}  # another rank holds the statistics
-            self.reference_cache_hits += 1
-            return dict(hit)
-        acc: dict[str, list[np.ndarray]] = defaultdict(list)
-        for images in batches():
-            for name, v in inc(images.to(self.device)).items():
-                acc[name].append(v)
-        local = {name: np.concatenate(v) for name, v in acc.items()}
-        parts = dist.gather_object(local) if sharded else [local]
-        if parts is None:
-            return {}
-        arrays = _concat_parts(parts)
-        self.cache.put(k, arrays, meta=full_key)
-        return arrays
+        entries = []
+        for name in self.features_needed("images"):
+            ex = self.extractor(name)
+            full_key = {**key, "extractor": getattr(ex, "cache_name", name) or name, "weights": ex.weights_id, "features": list(ex.features), "version": 1}
+            k = self.cache.key(**full_key)
+            entries.append((name, ex, full_key, k, self.cache.get(k) if dist.is_main() or not sharded else None))
+        hits = [e[4] is not None for e in entries]
+        if sharded:
+            hits = dist.broadcast_object(hits)
+        out: dict[str, np.ndarray] = {}
+        for (name, _, _, _, hit), is_hit in zip(entries, hits):
+            if is_hit:
+                self.reference_cache_hits += 1
+                out.update({f"{name}/{f}": v for f, v in (hit or {}).items()})
+        todo = [e for e, is_hit in zip(entries, hits) if not is_hit]
+        if todo:
+            acc: dict[str, list[np.ndarray]] = defaultdict(list)
+            for images in batches():
+                images = images.to(self.device)
+                for name, ex, *_ in todo:
+                    for f, v in ex(images).items():
+                        acc[f"{name}/{f}"].append(v)
+            local = {k: np.concatenate(v) for k, v in acc.items()}
+            parts = dist.gather_object(local) if sharded else [local]
+            if parts is not None:
+                arrays = _concat_parts(parts)
+                for name, ex, full_key, k, _ in todo:
+                    mine = {f: arrays[f"{name}/{f}"] for f in ex.features}
+                    self.cache.put(k, mine, meta=full_key)
+                    out.update({f"{name}/{f}": v for f, v in mine.items()})
+        if sharded and not dist.is_main():
+            return {}  # rank 0 holds the features
+        return out
 
     def _distributed(self) -> bool:
         return self.sharded and dist.is_distributed()
@@ -258,7 +277,7 @@ class Evaluator:
         With ``sharded``, a collective: rank 0 gets the rows of every rank's images, the others []."""
         specs = [s for s in self.family_specs(family) if s.inputs in ("distribution", "single", "pairs")]
         needs_reference = reference.features is not None and any(
-            s.inputs == "distribution" and not (s.stats_kind == "gaussian" and s.feature in reference.stats_override) for s in specs)
+            s.inputs == "distribution" and not (s.stats_kind == "gaussian" and _key(s) in reference.stats_override) for s in specs)
         if not self._gather(reference, needs_reference):
             return []
         features = {k: np.concatenate(v) for k, v in self._features.items()}
@@ -270,14 +289,10 @@ class Evaluator:
         if self.cfg.run.tf32:
             protocol["tf32"] = True
         smoke = self.cfg.run.smoke
-        if self._inception is not None:
-            protocol.update(extractor="inception-v3-compat (torch-fidelity)", extractor_weights=self._inception.weights_id)
-            smoke = smoke or not self._inception.is_official
-        if any(s.extractor == LPIPS for s in specs):
-            protocol.update(lpips_weights=self.lpips().weights_id)
-            smoke = smoke or not self.lpips().is_official
-        if any(s.extractor == "pixels" for s in specs):
-            protocol.update(pixel_data_range="[0, 1] (float of uint8/255)", ssim_range=self.cfg.metrics.ssim_range)
+        for name in sorted({s.extractor for s in specs}):  # what each extractor the family read adds
+            ex = self.extractor(name)
+            protocol.update(getattr(ex, "protocol", {}))
+            smoke = smoke or not ex.is_official
         protocol.update(extra_protocol or {})
         memo: dict[tuple, Any] = {}
 
@@ -290,18 +305,18 @@ class Evaluator:
         rows = []
         for s in specs:
             if s.inputs == "pairs":
-                value = s.value(stats(s, "pairs", pairs[f"{s.extractor}/{s.feature}"]), None)
+                value = s.value(stats(s, "pairs", pairs[_key(s)]), None)
             elif s.inputs == "single":
-                value = s.value(stats(s, "candidate", features[s.feature]), None)
+                value = s.value(stats(s, "candidate", features[_key(s)]), None)
             else:
-                if s.stats_kind == "gaussian" and s.feature in reference.stats_override:
-                    ref_stats = reference.stats_override[s.feature]
+                if s.stats_kind == "gaussian" and _key(s) in reference.stats_override:
+                    ref_stats = reference.stats_override[_key(s)]
                 else:
                     ref_features = reference.get_features()
                     if ref_features is None:
                         continue  # e.g. KID against an ADM batch that carries statistics only
-                    ref_stats = stats(s, "reference", ref_features[s.feature])
-                value = s.value(stats(s, "candidate", features[s.feature]), ref_stats)
+                    ref_stats = stats(s, "reference", ref_features[_key(s)])
+                value = s.value(stats(s, "candidate", features[_key(s)]), ref_stats)
             rows.append(self._row(s, value, protocol, smoke))
         return rows
 

@@ -34,6 +34,11 @@ def register_datasets(register):
 
 
 @hookspec
+def register_extractors(register):
+    """Register feature extractors: call ``register(ExtractorSpec(...))`` once per extractor."""
+
+
+@hookspec
 def register_metrics(register):
     """Register metrics: call ``register(MetricSpec(...))`` once per metric."""
 
@@ -41,6 +46,11 @@ def register_metrics(register):
 @hookspec
 def register_presets(register):
     """Register run presets: call ``register(PresetSpec(...))`` once per preset."""
+
+
+@hookspec
+def register_stages(register):
+    """Register run stages: call ``register(StageSpec(...))`` once per stage (see ``vfmbench.specs.StageSpec``)."""
 
 
 @hookspec

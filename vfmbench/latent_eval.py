@@ -1,6 +1,6 @@
 """The ``latent-eval`` stage: latent diffusability metrics of a run's tokenizer (family ``latent``).
 
-After ``latents``: every rank encodes its block of the val split to posterior means (and, for the
+After ``latents`` (stage module ``vfmbench.stages.latent_eval``): every rank encodes its block of the val split to posterior means (and, for the
 first ``metrics.latent.equivariance_images``, the equivariance errors); rank 0 gathers them into
 ``latent-eval/val_means.pt`` (read back when the stage is re-run after an interruption). Rank 0
 standardises the means per channel (mu and sigma written to ``standardisation.json``) and computes
@@ -111,12 +111,10 @@ def latent_rows(specs: list[MetricSpec], z: Any, labels: Any, st: dict[str, Any]
 
 
 def run_stage(run) -> dict[str, Any]:
-    """The ``latent-eval`` stage of a ``vfmbench.runner.Run`` (every rank calls it)."""
+    """The ``latent-eval`` stage on a ``vfmbench.context.RunContext`` (every rank calls it)."""
     from . import dist
     from .checkpoint import load_torch, save_torch, write_json
     from .metrics.latent_model import equivariance_errors, transforms
-    from .results import write_rows
-
     cfg, lc = run.cfg, run.cfg.metrics.latent
     d = run.stage_dir(STAGE)
     d.mkdir(parents=True, exist_ok=True)
@@ -124,7 +122,7 @@ def run_stage(run) -> dict[str, Any]:
     specs = selected_specs(ev.specs, lc)
     if not specs:  # metrics.names selects no latent metric
         if dist.is_main():
-            write_rows(d / "rows.jsonl", [])
+            run.write_rows([])
         return {"metrics": {}}
     tok = run.tokenizer()
     n_val = len(run.dataset("val"))
@@ -137,7 +135,7 @@ def run_stage(run) -> dict[str, Any]:
     else:
         zs, ys, eq, eq_skipped = [], [], {}, {}
         with torch.no_grad():
-            for start, images, y, post, _ in run._posteriors("val", n, "latent-eval: encode val"):
+            for start, images, y, post, _ in run.posteriors("val", n, "latent-eval: encode val"):
                 zs.append(post.mean.float().cpu())
                 ys.append(y.cpu())
                 m = max(0, min(images.shape[0], lc.equivariance_images - start)) if want_eq else 0
@@ -179,7 +177,7 @@ def run_stage(run) -> dict[str, Any]:
     rows += _ifid_rows(run, specs, saved["means"], n)
     if not dist.is_main():
         return {}
-    write_rows(d / "rows.jsonl", [run.row(r) for r in rows])
+    run.write_rows(rows)
     return {"metrics": {r["metric"]: r["value"] for r in rows}, **{k: info[k] for k in ("grid", "metric_seconds", "skipped")},
             "vfm_feature_cache": asdict(run.feature_stats)}
 
@@ -188,12 +186,13 @@ def _ifid_rows(run, specs: list[MetricSpec], means: torch.Tensor, n: int) -> lis
     """iFID (collective under torchrun): rank 0 picks each val latent's train partner, every rank
     decodes the slerps of its block, and the sharded evaluator compares them with the val images."""
     from . import dist
+    from .checkpoint import load_torch
     from .metrics.latent_model import interpolation_partners, slerp
 
     lc = run.cfg.metrics.latent
     if not any(s.name == "ifid" for s in specs):
         return []
-    train = run._latents("train")["latents"]  # UserError naming the latents stage when it has not run
+    train = load_torch(run.stage_dir("latents") / "train.pt")["latents"]  # the planner runs latent-eval after latents
     partners = interpolation_partners(means, train, lc.ifid_neighbours, run.cfg.run.seed, device=run.device) if dist.is_main() else None
     partners = torch.as_tensor(dist.broadcast_object(partners))
     tok, ev = run.tokenizer(), run.evaluator()
@@ -204,7 +203,7 @@ def _ifid_rows(run, specs: list[MetricSpec], means: torch.Tensor, n: int) -> lis
             z = slerp(means[start:stop], train[partners[start:stop]], lc.ifid_alpha)
             ev.add_samples(tok.decode_uint8(z.to(run.device)))
     n_val = len(run.dataset("val"))
-    reference = ev.dataset_reference(run.val_reference_key(n_val), run._val_reference_shard(n_val), take=n)
+    reference = ev.dataset_reference(run.val_reference_key(n_val), run.val_reference_shard(n_val), take=n)
     extra = {"ifid_neighbours": lc.ifid_neighbours, "ifid_alpha": lc.ifid_alpha, "latents": "val posterior means, train posterior samples (latents stage)",
              "seed": run.cfg.run.seed}
     return ev.finish("latent", reference, extra_protocol=extra)

@@ -112,10 +112,18 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _component(name: str, version: str) -> str:
+def _text(v: Any) -> str:
+    """A cell's text: '' for a missing value (None or NaN, e.g. a column some rows lack)."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def _component(name: str, version: str, weights: str = "") -> str:
+    """A component's cell: name, version and, where given, its weights id (a random-init VFM and the
+    same VFM with real weights are different rows)."""
     if not name:
         return "–"
-    return f"{name} v{version}" if version else name
+    text = f"{name} v{version}" if version else name
+    return f"{text} ({weights})" if weights else text
 
 
 def _protocol_text(row: dict[str, Any]) -> str:
@@ -172,7 +180,7 @@ def _table(sub: pd.DataFrame, label: str, family: str, pid: str, link_base: Path
     lines = [heading.replace("  ", " "), "", f"Protocol: {_protocol_text(first)}", ""]
     metrics = sorted(sub["metric"].unique())
     hib = {m: bool(sub[sub["metric"] == m]["higher_is_better"].iloc[0]) for m in metrics}
-    keys = ["run_id"] + [c for pair in COMPONENT_COLUMNS for c in pair]
+    keys = ["run_id"] + [c for pair in COMPONENT_COLUMNS for c in pair] + ["vfm_weights"]
     extra_cols = [c for c in ("epochs", "citation") if c in sub.columns and sub[c].fillna("").astype(str).str.len().gt(0).any()]
     records: dict[tuple, dict[str, Any]] = {}
     for _, r in sub.iterrows():
@@ -193,7 +201,8 @@ def _table(sub: pd.DataFrame, label: str, family: str, pid: str, link_base: Path
         headers.append("grids")
     table = []
     for i, r in enumerate(ordered, 1):
-        line = [i, r["run_id"]] + [_component(str(r.get(n, "") or ""), str(r.get(v, "") or "")) for n, v in show_components]
+        line = [i, r["run_id"]] + [_component(str(r.get(n, "") or ""), str(r.get(v, "") or ""), _text(r.get(f"{n}_weights")) if n == "vfm" else "")
+                                   for n, v in show_components]
         line += [_fmt(r[m]) if m in r else "–" for m in present]
         line += [str(r.get(c, "") or "") for c in extra_cols]
         if has_images:

@@ -33,7 +33,8 @@ class Spec:
 
 @dataclass(frozen=True)
 class VfmSpec(Spec):
-    """A frozen vision foundation model. ``factory(spec, vfm_config) -> Vfm``.
+    """A frozen vision foundation model. ``factory(spec, vfm_config, cache_dir) -> Vfm`` (``build_vfm``
+    calls it; the built-in ``vfmbench.vfm.frozen_vfm`` builds through ``adapter``; docs/vfms.md).
 
     Preprocessing is data: images are resized by ``input_scale`` (the paper feeds 256 px to
     SigLIP2-L/16 upsampled x2 to 512) with ``interpolation`` and normalised by ``mean``/``std``.
@@ -41,10 +42,10 @@ class VfmSpec(Spec):
     """
 
     family: str = ""
-    library: str = ""  # timm | transformers | open_clip
+    library: str = ""  # timm | transformers | open_clip | torchvision | ...: named in missing-weights messages
     model_id: str = ""  # hub id / architecture name in that library
     patch_size: int = 16
-    resolution: int = 224  # native input resolution
+    resolution: int = 224  # native input resolution (px); build_vfm's one-width check feeds one image of this size
     input_scale: float = 1.0
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -111,6 +112,28 @@ class DatasetSpec(Spec):
 
 
 @dataclass(frozen=True)
+class ExtractorSpec(Spec):
+    """A feature extractor. ``factory(cfg, features, device, cache_dir) -> extractor`` builds it for the
+    ``features`` (a subset of ``features`` here) the selected metrics read.
+
+    ``inputs``: ``images`` (a candidate or reference set: ``extractor(images)`` of uint8 NCHW ->
+    ``{feature: float array [N, ...]}``) or ``pairs`` (``extractor(images, recon)`` -> ``{feature:
+    per-image scores [N]}``). ``features`` names every output it can give; a metric names one of
+    them (``MetricSpec.extractor``/``feature``), checked when plugins load.
+
+    The built extractor carries ``weights_id`` (str, written into the protocol and cache keys),
+    ``is_official`` (False labels every value that uses it ``smoke``), ``protocol`` (dict added to
+    the rows' protocol) and optionally ``cache_name`` (the on-disk feature caches' key; default the
+    spec name).
+    """
+
+    inputs: str = "images"
+    features: tuple[str, ...] = ()
+
+    kind = "extractor"
+
+
+@dataclass(frozen=True)
 class MetricSpec(Spec):
     """A metric as pure stages: features -> ``stats`` -> ``value``.
 
@@ -153,12 +176,50 @@ class PresetSpec(Spec):
     kind = "preset"
 
 
+@dataclass(frozen=True)
+class StageSpec(Spec):
+    """A stage of a run: ``run(ctx) -> info`` (``vfmbench.context.RunContext``; ``info`` is a JSON-able
+    dict written into the stage's ``done.json``). The planner orders stages by artifacts:
+
+    ``needs``     artifacts that must exist before the stage runs: produced by a stage planned
+                  earlier in this invocation, or by a stage already done in the run directory;
+                  otherwise the stage is *blocked* and the run stops before any work (exit 2).
+    ``produces``  artifacts the stage makes (``tokenizer``, ``latents``, ``diffusion``, ``samples``,
+                  ``rows``: a ``rows.jsonl`` in the stage folder). Several stages may produce ``rows``.
+    ``uses``      artifacts read when present: ordering only (after every planned producer), never blocking.
+    ``parallel``  True: every rank runs it under torchrun (data-parallel or sharded, gathered on
+                  rank 0); False: rank 0 runs it while the other ranks wait.
+    ``rerun``     True: runs again even when done (e.g. ``results``, which only collects).
+    ``order``     tie-break among stages ready at the same time (lower first; built-ins 10..80, results 1000).
+    ``done_marker`` the file in the stage folder that marks it finished (written by the runner).
+    ``provided``  ``provided(cfg) -> reason``: non-empty when the config itself supplies this stage's
+                  artifacts (``tokenizer.weights``, an untrained tokenizer), so that stages needing
+                  them are not blocked when this one is neither requested nor done.
+    ``factory`` is unused (stages are functions); ``run`` is the stage.
+    """
+
+    needs: tuple[str, ...] = ()
+    produces: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    parallel: bool = False
+    rerun: bool = False
+    order: int = 100
+    done_marker: str = "done.json"
+    provided: Callable[[Any], str] | None = None
+    run: Callable[[Any], dict[str, Any]] | None = None
+    factory: Callable[..., Any] = lambda: None
+
+    kind = "stage"
+
+
 KINDS: dict[str, type[Spec]] = {
     "tokenizers": TokenizerSpec,
     "vfms": VfmSpec,
     "decoders": DecoderSpec,
     "diffusion": DiffusionSpec,
     "datasets": DatasetSpec,
+    "extractors": ExtractorSpec,
     "metrics": MetricSpec,
     "presets": PresetSpec,
+    "stages": StageSpec,
 }

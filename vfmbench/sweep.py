@@ -81,7 +81,7 @@ class Combination:
 def load_sweep(host: Host, path: Path, out: str | None = None) -> tuple[str, Path, list[Combination]]:
     """Read and validate a sweep file: (preset name, out folder, combinations). Writes nothing."""
     from .config import resolve
-    from .runner import run_name, validate
+    from .runner import resolve_stages, run_name, validate
 
     if not path.is_file():
         raise UserError(f"sweep file {str(path)!r} does not exist")
@@ -108,8 +108,9 @@ def load_sweep(host: Host, path: Path, out: str | None = None) -> tuple[str, Pat
         if out_dir:
             layers.append({"run": {"out": str(out_dir)}})
         try:
-            cfg = resolve(layers)
+            cfg = resolve(layers, host.stages.names())
             validate(host, cfg)
+            cfg = resolve_stages(host, cfg)
             name = run_name(host, cfg)
         except UserError as e:
             raise UserError(f"sweep combination {json.dumps(combo, sort_keys=True)}: {e}") from None

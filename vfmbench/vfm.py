@@ -213,7 +213,7 @@ def state_dict_id(module: nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-dim buffers (BatchNorm's num_batches_tracked)
     return h.hexdigest()[:12]
 
 
@@ -786,7 +786,27 @@ def build_vfm(spec: VfmSpec, cfg: VfmConfig, cache_dir: str | Path | None = None
     vfm = spec.factory(spec, cfg, cache_dir)
     if not isinstance(vfm, Vfm):
         raise TypeError(f"the factory of vfm {spec.name!r} returned {type(vfm).__name__}, not a vfmbench.interfaces.Vfm")
+    if not isinstance(vfm, FrozenVfm):  # library ViTs (adapters) have one width by construction
+        check_token_widths(vfm)
     return vfm
+
+
+def check_token_widths(vfm: Vfm) -> None:
+    """The one-width rule: every tapped layer (``vfm.default_layers``) gives [B, h*w, D] tokens of one
+    width ``D == vfm.embed_dim`` on one grid (the tokenizers' latent heads read all taps with one
+    projection). Checked with one black image at ``vfm.spec.resolution``; a ``UserError`` otherwise."""
+    res = int(getattr(vfm.spec, "resolution", 0) or 224)
+    with torch.no_grad():
+        tokens = vfm(torch.zeros(1, 3, res, res, dtype=torch.uint8), layers=tuple(vfm.default_layers))
+    h, w = tokens.grid
+    shapes = {i: tuple(t.shape) for i, t in tokens.layers.items()}
+    bad = {i: s for i, s in shapes.items() if len(s) != 3 or s[1] != h * w or s[2] != vfm.embed_dim}
+    if bad or set(shapes) != set(vfm.default_layers):
+        raise UserError(
+            f"vfm {vfm.spec.name!r} breaks the one-width rule: its tapped layers {list(vfm.default_layers)} give tokens "
+            f"{shapes} on grid {tokens.grid}, but every tap must be [B, h*w, embed_dim={vfm.embed_dim}] on one grid "
+            "(docs/vfms.md, 'One width'): project the taps to one width in the VFM's factory, or tap layers of one width (vfm.layers)"
+        )
 
 
 def vfm_param_count(spec: VfmSpec, size: str = "full") -> int:
