@@ -45,9 +45,9 @@ def test_builtin_stages_are_plugins_in_pipeline_order(host):
 
 
 def test_third_party_stage_is_ordered_by_its_needs():
-    host = _host(_spec("latent-eval", needs=["latents"], produces=["rows"], order=1))  # order 1 alone would put it first
+    host = _host(_spec("toy-eval", needs=["latents"], produces=["rows"], order=1))  # order 1 alone would put it first
     order = stage_order(host)
-    assert order.index("latents") < order.index("latent-eval") < order.index("results")
+    assert order.index("latents") < order.index("toy-eval") < order.index("results")
 
 
 def test_cycle_is_reported():
