@@ -1,13 +1,15 @@
 """Discriminators shared by first-party tokenizers (not a plugin itself).
 
-* ``diff_augment``: DiffAugment (Zhao et al. 2020): colour (brightness, saturation, contrast),
-  translation by up to 1/8 of the image and cutout of a 1/2-size square, drawn per image and
-  differentiable with respect to the image.
+* ``diff_augment``: DiffAugment (Zhao et al. 2020) as VFM-VAE configures it: colour (brightness,
+  saturation, contrast), translation by up to 1/8 of the image and cutout of a square of 0.2 times
+  the image size, drawn per image and differentiable with respect to the image.
 * ``ProjectedDiscriminator``: the StyleGAN-T projected discriminator (Sauer et al. 2023). A frozen
-  ViT (any ``Vfm`` of the VFM plugins) is tapped at several hidden states; each tap has a head of
-  spectral-normalised 1-D convolutions over the token sequence with local batch norm (virtual
-  batch 8). Images are augmented, randomly cropped or resized to the ViT's input size and
-  normalised with the ViT's own statistics; gradients flow to the image, not to the ViT.
+  ViT (any ``Vfm`` of the VFM plugins; VFM-VAE uses DINO ViT-S/16) is tapped at several hidden
+  states; the class token is added to every patch token (DPT's "add" readout) and each tap has a
+  head of spectral-normalised 1-D convolutions over the token sequence with local batch norm
+  (virtual batch 8). Images are augmented, randomly cropped or resized to the ViT's input size with
+  the interpolation given (VFM-VAE: the generator VFM's) and normalised with the ViT's own
+  statistics; gradients flow to the image, not to the ViT.
 * ``MultiScalePatchGan``: pix2pixHD's multi-scale PatchGAN (Wang et al. 2018) with local batch
   norm, returning every layer's features for the feature-matching loss.
 """
@@ -53,7 +55,7 @@ def augment_translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
     return padded.flatten(2).gather(2, index).view(b, c, h, w)
 
 
-def augment_cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+def augment_cutout(x: torch.Tensor, ratio: float = 0.2) -> torch.Tensor:
     """Zero a square of ``ratio`` times the image size at a random centre in each image."""
     b, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
@@ -80,8 +82,9 @@ def diff_augment(x: torch.Tensor, policy: Sequence[str] = ("color", "translation
 
 
 class BatchNormLocal(nn.Module):
-    """Batch norm over virtual batches of ``virtual_bs`` consecutive samples (no running statistics);
-    statistics over the batch and every trailing position, per channel."""
+    """Batch norm over virtual batches (no running statistics); statistics over the virtual batch and
+    every trailing position, per channel. As StyleGAN-T, a batch of B is cut into ceil(B / virtual_bs)
+    equal groups of consecutive samples (a batch that does not split evenly: groups of virtual_bs)."""
 
     def __init__(self, channels: int, virtual_bs: int = 8, eps: float = 1e-5):
         super().__init__()
@@ -92,7 +95,9 @@ class BatchNormLocal(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = [0] + list(range(2, x.ndim))
         parts = []
-        for chunk in x.split(self.virtual_bs):
+        groups = -(-x.shape[0] // self.virtual_bs)
+        size = x.shape[0] // groups if x.shape[0] % groups == 0 else self.virtual_bs
+        for chunk in x.split(size):
             mean = chunk.mean(dim=dims, keepdim=True)
             var = chunk.var(dim=dims, keepdim=True, unbiased=False)
             parts.append((chunk - mean) * torch.rsqrt(var + self.eps))
@@ -133,11 +138,14 @@ class DiscHead(nn.Module):
 class ProjectedDiscriminator(nn.Module):
     """Trainable heads on a frozen ViT. ``backbone`` is attached later (``attach``) so that the
     heads exist (and load) without the ViT's weights; ``hooks`` are hidden-state indices
-    (0 = embedding output, k = output of block k)."""
+    (0 = embedding output, k = output of block k). ``interpolation`` resizes the images to the
+    ViT (VFM-VAE: the generator VFM's mode, whatever the discriminator ViT is)."""
 
-    def __init__(self, embed_dim: int, hooks: Sequence[int], resolution: int, crop_p: float = 0.5, augment: bool = True):
+    def __init__(self, embed_dim: int, hooks: Sequence[int], resolution: int, crop_p: float = 0.5, augment: bool = True,
+                 interpolation: str = "bilinear"):
         super().__init__()
         self.hooks = [int(h) for h in hooks]
+        self.interpolation = interpolation
         self.resolution = int(resolution)
         self.crop_p = float(crop_p)
         self.augment = augment
@@ -166,7 +174,7 @@ class ProjectedDiscriminator(nn.Module):
             left = int(torch.randint(0, w - size + 1, ()))
             x = x[..., top : top + size, left : left + size]
         elif (h, w) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode=bb.spec.interpolation, align_corners=False, antialias=min(h, w) > size)
+            x = F.interpolate(x, size=(size, size), mode=self.interpolation, align_corners=False, antialias=min(h, w) > size)
         mean = torch.tensor(bb.spec.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(bb.spec.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -178,8 +186,16 @@ class ProjectedDiscriminator(nn.Module):
         bb = self.backbone
         hidden, _ = bb.adapter.hidden_states(bb.model, self._prepare(x), set(self.hooks), final=False)
         p = bb.num_prefix_tokens
-        logits = [head(hidden[k][:, p:].float().transpose(1, 2)) for k, head in zip(self.hooks, self.heads)]
+        logits = [head(readout(hidden[k], p).float().transpose(1, 2)) for k, head in zip(self.hooks, self.heads)]
         return torch.cat(logits, dim=1)
+
+
+def readout(seq: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Patch tokens of a [B, prefix + N, C] sequence with the class token (the first prefix token)
+    added to each; a ViT without prefix tokens gives its tokens unchanged."""
+    if num_prefix == 0:
+        return seq
+    return seq[:, num_prefix:] + seq[:, :1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,12 +89,13 @@ def lsgan_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def feature_matching_loss(real_feats: Sequence[Sequence[torch.Tensor]], fake_feats: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """pix2pixHD feature matching over discriminator scales: per scale, the L1 between real (detached)
-    and fake intermediate features, each layer weighted 4 / (layers - 1); averaged over scales."""
+    """pix2pixHD feature matching over discriminator scales. Each scale's list holds every layer's
+    output, the logits last: the L1 between real (detached) and fake features of every layer but the
+    logits, each weighted 4 / (number of outputs including the logits - 1); averaged over scales."""
     total = 0.0
     for real, fake in zip(real_feats, fake_feats):
         w = 4.0 / max(len(real) - 1, 1)
-        total = total + sum(w * F.l1_loss(f, r.detach()) for r, f in zip(real, fake))
+        total = total + sum(w * F.l1_loss(f, r.detach()) for r, f in zip(real[:-1], fake[:-1]))
     return total / max(len(real_feats), 1)
 
 

@@ -99,3 +99,56 @@ def test_projected_discriminator_gradients_reach_the_image_not_the_vit(tiny_vit)
     assert all(p.grad is not None for p in d.heads.parameters())
     with pytest.raises(ValueError, match="out of range"):
         ProjectedDiscriminator(tiny_vit.embed_dim, [0, 9], resolution=64).attach(tiny_vit)
+
+
+def test_cutout_default_is_vfm_vaes_0_2_square():
+    """DiffAugment as VFM-VAE configures it: a square of round(0.2 * size) per image, centred at
+    (cy, cx) drawn uniformly (rows first), zeroed where it falls inside the image; written as a loop."""
+    h = w = 20
+    side = int(h * 0.2 + 0.5)  # 4
+    torch.manual_seed(3)
+    y = augment_cutout(torch.ones(16, 1, h, w))
+    torch.manual_seed(3)
+    cy = torch.randint(0, h + (1 - side % 2), (16, 1, 1))
+    cx = torch.randint(0, w + (1 - side % 2), (16, 1, 1))
+    for i in range(16):
+        want = torch.ones(h, w)
+        top, left = int(cy[i]) - side // 2, int(cx[i]) - side // 2
+        for r in range(max(0, top), min(h, top + side)):
+            for c in range(max(0, left), min(w, left + side)):
+                want[r, c] = 0.0
+        assert torch.equal(y[i, 0], want), i
+    assert int((y == 0).flatten(1).sum(1).max()) == side * side
+
+
+def test_batchnorm_local_splits_a_batch_into_equal_groups():
+    """StyleGAN-T's grouping: B = 12 with virtual batch 8 is two groups of 6 (not 8 + 4)."""
+    x = torch.randn(12, 3, 5) * 3 + 1
+    y = BatchNormLocal(3, virtual_bs=8)(x)
+    for chunk in y.split(6):
+        assert torch.allclose(chunk.mean(dim=(0, 2)), torch.zeros(3), atol=1e-5)
+        assert torch.allclose(chunk.var(dim=(0, 2), unbiased=False), torch.ones(3), atol=1e-3)
+
+
+def test_projected_discriminator_adds_the_class_token_and_resizes_with_the_given_mode(tiny_vit):
+    """Logits = heads(patch tokens + class token) on the image resized with the generator VFM's mode
+    (here bilinear on a bicubic ViT) and normalised with the ViT's statistics; computed by hand."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    d = ProjectedDiscriminator(tiny_vit.embed_dim, [0, 2, 4], resolution=64, crop_p=0.0, augment=False, interpolation="bilinear")
+    d.attach(tiny_vit)
+    x = torch.rand(2, 3, 96, 96) * 2 - 1
+    small = F.interpolate((x + 1) / 2, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(tiny_vit.spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_vit.spec.std).view(1, 3, 1, 1)
+    assert tiny_vit.spec.interpolation == "bicubic" and tiny_vit.num_prefix_tokens == 1
+    inp = (small - mean) / std
+    assert torch.allclose(d._prepare(x), inp, atol=1e-6)
+    with torch.no_grad():
+        hidden, _ = tiny_vit.adapter.hidden_states(tiny_vit.model, inp, {0, 2, 4}, final=False)
+        want = torch.cat([head((hidden[k][:, 1:] + hidden[k][:, :1]).transpose(1, 2)) for k, head in zip([0, 2, 4], d.heads)], 1)
+        got = d(x)
+        without = torch.cat([head(hidden[k][:, 1:].transpose(1, 2)) for k, head in zip([0, 2, 4], d.heads)], 1)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, without, atol=1e-3)

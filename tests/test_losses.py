@@ -67,7 +67,13 @@ def test_gan_terms():
 
 
 def test_feature_matching():
+    """pix2pixHD / VFM-VAE weighting: 4 / (outputs including the logits - 1) per layer, the logits
+    themselves excluded, averaged over scales. With the paper's 5 outputs per scale the weight is 1,
+    so the recipe's feature_matching=10 weighs the summed layer L1s by 10."""
     real = [[torch.zeros(2), torch.zeros(2), torch.zeros(2)], [torch.zeros(1), torch.zeros(1), torch.zeros(1)]]
-    fake = [[torch.ones(2), torch.ones(2), torch.ones(2)], [torch.full((1,), 2.0)] * 3]
-    # scale 1: 3 layers x weight 4/2 x L1 1 = 6; scale 2: 3 x 2 x 2 = 12; mean over scales = 9
-    assert math.isclose(float(feature_matching_loss(real, fake)), 9.0, rel_tol=1e-6)
+    fake = [[torch.ones(2), torch.ones(2), torch.full((2,), 100.0)], [torch.full((1,), 2.0)] * 3]
+    # 3 outputs (2 features + logits): weight 4/2; scale 1: 2 x 2 x 1 = 4; scale 2: 2 x 2 x 2 = 8; mean 6 (logits ignored)
+    assert math.isclose(float(feature_matching_loss(real, fake)), 6.0, rel_tol=1e-6)
+    real5 = [[torch.zeros(3)] * 5]
+    fake5 = [[torch.full((3,), 0.5)] * 4 + [torch.full((3,), 7.0)]]
+    assert math.isclose(float(feature_matching_loss(real5, fake5)), 4 * 1.0 * 0.5, rel_tol=1e-6)

@@ -334,7 +334,7 @@ def released_name(name: str, exponents: list[int]) -> str | None:
 
 def test_released_checkpoint_layout_loads_through_the_key_map(host, tmp_path):
     from vfmbench.checkpoint import load_torch
-    from vfmbench.runner import Run
+    from vfmbench.context import load_tokenizer_state
 
     tok = tiny_tokenizer(host)
     # weights only: not the frozen VFM, the discriminators, latent statistics or the training guards' state
@@ -352,7 +352,7 @@ def test_released_checkpoint_layout_loads_through_the_key_map(host, tmp_path):
     released["synthesis.blocks.1.seperate_upsample_conv.blur_weight"] = torch.zeros(2)
     torch.save({"G_ema": released, "G": {}, "D": {}}, tmp_path / "released.pth")
     fresh = tiny_tokenizer(host)
-    Run._load_tokenizer_state(fresh, load_torch(tmp_path / "released.pth"))  # as --set tokenizer.weights=PATH does
+    load_tokenizer_state(fresh, load_torch(tmp_path / "released.pth"))  # as --set tokenizer.weights=PATH does
     state = fresh.state_dict()
     for k in mine:
         assert torch.equal(state[k], released[released_name(k, tok.decoder.exponents)]), k
@@ -393,3 +393,38 @@ def test_discriminator_phase_reuses_each_micro_batch_reconstruction(host):
     assert calls == [1]
     tok.phase_loss("g", micro[0], torch.zeros(4, dtype=torch.long), 8)  # a new step forgets the old one
     assert len(tok._fakes) == 1 and next(iter(tok._fakes))[0] == 8
+
+
+def test_image_space_equivariance_is_two_resizes(host):
+    """Downscale by s (antialiased, scale_factor semantics), then the VFM's x2: two resizes as the
+    reference encoder, checked against torch's resizes written out and PIL's antialiased downscale."""
+    import numpy as np
+    from PIL import Image
+
+    from vfmbench.config import VfmConfig
+    from vfmbench.vfm import build_vfm
+
+    vfm = build_vfm(host.vfms.get("siglip2-l16-512"), VfmConfig(name="siglip2-l16-512", size="tiny", pretrained=False, input_scale=2.0))
+    assert vfm.input_scale == 2.0 and vfm.spec.interpolation == "bilinear"
+    x = shapes(host, 2, res=64)
+    for s in (0.5, 0.75, 0.25):
+        small = F.interpolate(x.float() / 255, scale_factor=s, mode="bilinear", align_corners=False, antialias=True)
+        big = F.interpolate(small, scale_factor=2.0, mode="bilinear", align_corners=False)
+        want = (big - 0.5) / 0.5
+        got = vfm.preprocess(x, pre_scale=s)
+        assert got.shape[-1] == int(64 * s) * 2 and torch.allclose(got, want, atol=1e-6), s
+        one = vfm.preprocess(x, scale=2.0 * s)  # the single resize this replaces
+        assert one.shape == got.shape and (one - got).abs().max() > 1e-2
+    # the antialiased downscale is PIL's bilinear (triangle) filter, up to uint8 rounding
+    s = 0.5
+    pil = np.stack([np.asarray(Image.fromarray(im.permute(1, 2, 0).numpy()).resize((32, 32), Image.BILINEAR)) for im in x])
+    small = F.interpolate(x.float() / 255, scale_factor=s, mode="bilinear", align_corners=False, antialias=True)
+    assert np.abs(small.permute(0, 2, 3, 1).numpy() * 255 - pil).max() <= 1.0
+    # the tokenizer's image branch feeds exactly this input to the VFM
+    tok = tiny_tokenizer(host)
+    x32 = shapes(host, 2)
+    want_in = tok.vfm.preprocess(x32, pre_scale=0.5)
+    with torch.no_grad():
+        hidden, final = tok.vfm.adapter.hidden_states(tok.vfm.model, want_in, {0}, final=True)
+        out = tok._vfm_tokens(x32, 0.5)
+    assert torch.allclose(out.layers[-1], final.float(), atol=1e-6)

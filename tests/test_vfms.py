@@ -20,7 +20,7 @@ from vfmbench.interfaces import Vfm
 from vfmbench.plugins import get_plugin_manager
 from vfmbench.vfm import FrozenVfm, build_vfm, preprocess, target_size, vfm_param_count
 
-VFM_PLUGINS = ("vfm-clip", "vfm-dinov2", "vfm-eva-clip", "vfm-mae", "vfm-siglip")
+VFM_PLUGINS = ("vfm-clip", "vfm-dino", "vfm-dinov2", "vfm-eva-clip", "vfm-mae", "vfm-siglip")
 TINY_DEPTH, TINY_WIDTH = 4, 64
 
 
@@ -166,6 +166,7 @@ def _make_timm(model_name):
 
 CASES = {
     "siglip2": ("siglip2-l16-512", make_siglip),
+    "dino": ("dino-s16", _make_timm("vit_small_patch16_224.dino")),
     "dinov2": ("dinov2-l14", _make_hf("Dinov2Model", "Dinov2Config", "dinov2")),
     "dinov2-reg": ("dinov2-reg-l14", _make_hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", "dinov2reg")),
     "mae": ("mae-l16", make_mae),
@@ -423,7 +424,7 @@ def test_registered_names_and_aliases(host):
     }
     for alias, name in expected.items():
         assert host.vfms.canonical(alias) == name
-    assert len(host.vfms) == 30
+    assert len(host.vfms) == 31
     for spec in host.vfms:
         assert spec.factory is not None and spec.adapter is not None and spec.library == spec.adapter.library
         assert spec.description and spec.source and spec.paper and spec.license and spec.model_id

@@ -43,6 +43,7 @@ class BuildContext:
     config: RunConfig
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     meta: bool = False  # build architectures without weights (dry runs)
+    preflight: bool = False  # a run's check before anything is written: factories also locate (never read) the weights they will need
     _vfm: Vfm | None = None
 
     @property

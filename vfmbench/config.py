@@ -60,6 +60,9 @@ class DataConfig:
     seed: int = 0  # procedural datasets: generation seed
     skip_corrupt: bool = False  # skip (and count) images that cannot be decoded instead of stopping
     shuffle_buffer: int = 1000  # webdataset streaming: encoded samples in each worker's shuffle buffer (0 = shard order)
+    train_transform: str = "adm-center-crop"  # images a tokenizer trains on: adm-center-crop | vfm-vae-random-crop (vfmbench.transforms)
+    eval_transform: str = "adm-center-crop"  # the val split: adm-center-crop | resize-center-crop (a protocol field of reconstruction rows)
+    min_short_side: int = 0  # tokenizer training: only images whose short side is at least this (VFM-VAE: 256); 0 = all
 
 
 @dataclass

@@ -41,7 +41,8 @@ class VfmTokens:
 
 class Vfm(nn.Module, abc.ABC):
     """A frozen VFM. Index convention: 0 = embedding output, k = output of block k,
-    -1 = final normed output, -2 = the block before it."""
+    -1 = final normed output, -2 = the block before it. ``scale`` overrides the input resize factor;
+    ``pre_scale`` != 1 resizes the image by that factor first (two resizes; VFM-VAE's equivariance)."""
 
     spec: VfmSpec
     weights_id: str = "random-init"  # sha256 prefix of the weights file, or 'random-init'
@@ -50,7 +51,7 @@ class Vfm(nn.Module, abc.ABC):
     num_blocks: int
 
     @abc.abstractmethod
-    def forward(self, images: torch.Tensor, layers: Sequence[int] = (-1,), scale: float | None = None) -> VfmTokens:
+    def forward(self, images: torch.Tensor, layers: Sequence[int] = (-1,), scale: float | None = None, pre_scale: float = 1.0) -> VfmTokens:
         ...
 
 

@@ -17,20 +17,22 @@ from . import dist
 class DataPasses:
     """Needs ``cfg``, ``device``, ``run_dir``, ``dataset(split)``, ``tokenizer()``, ``feature_stats``."""
 
-    def image_batch(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_batch(self, split: str, idx: torch.Tensor, view: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The images and labels of some indices, in order and always all of them: a corrupt image
         stops the run naming the file, or under ``data.skip_corrupt`` is replaced by the next index
-        that decodes (training batches keep their size; exact resume stays exact)."""
+        that decodes (training batches keep their size; exact resume stays exact). ``view``: a
+        transformed view of the split (``transforms.training_view``), loaded by its own loader."""
         from .data import BatchLoader, worker_count
 
         loaders = self.__dict__.setdefault("_batch_loaders", {})
-        if split not in loaders:
+        key = split if view is None or view is self.dataset(split) else f"{split}:{view.cache_id}"
+        if key not in loaders:
             d = self.cfg.data
-            loaders[split] = BatchLoader(
-                self.dataset(split), split=split, num_workers=worker_count(d.num_workers),
+            loaders[key] = BatchLoader(
+                self.dataset(split) if key == split else view, split=split, num_workers=worker_count(d.num_workers),
                 on_corrupt="replace" if d.skip_corrupt else "raise", skips=self.data_skips(), pin_memory=self.device.type == "cuda",
             )
-        images, labels = loaders[split].load([int(i) for i in idx])
+        images, labels = loaders[key].load([int(i) for i in idx])
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def iter_split(self, split: str, n: int, desc: str, shard: bool = False):

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .build import decoder_name, resolve_device
+from . import __version__, transforms
+from .build import BuildContext, build_tokenizer, decoder_name, resolve_device
 from .checkpoint import write_json
 from .config import RunConfig, config_hash
 from .context import RunContext, git_hash, log  # noqa: F401 - log, git_hash: the runner's names before the stage split
@@ -86,6 +86,7 @@ def validate(host: Host, cfg: RunConfig) -> None:
     from .diffusion_weights import check_config
     from .metrics.preflight import check_metrics
 
+    transforms.check_names(cfg.data)
     check_metrics(cfg)  # the ADM reference batch and the IS protocol, before any work (also --dry-run)
     check_config(cfg.diffusion)
     for m in cfg.metrics.names:
@@ -164,7 +165,7 @@ class Run:
     def _preflight(self) -> None:
         """Everything that can fail on bad input, before the run directory exists."""
         stages = {s.stage for s in self.plan.steps if s.action == "run"}
-        self.ctx.dataset("val")
+        transforms.check_dataset(self.cfg.data, self.ctx.dataset("val"))
         if stages & {"tokenizer", "diffusion", "latents", "probe"}:
             self.ctx.dataset("train")
         if self.cfg.tokenizer.weights and not Path(self.cfg.tokenizer.weights).exists():
@@ -175,6 +176,8 @@ class Run:
             self.ctx.tokenizer()  # the factory's errors (its arguments, the weights of its parts) before config.json
         if stages & {"recon-eval", "gen-eval", "latent-eval"}:
             self.ctx.evaluator().check_weights()
+        with torch.device("meta"):  # the tokenizer's own argument checks, on the meta device (nothing read or written)
+            build_tokenizer(BuildContext(host=self.host, config=self.cfg, meta=True, preflight=True))
 
     def write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -81,16 +81,21 @@ def preprocess(
     interpolation: str,
     mean: Sequence[float],
     std: Sequence[float],
+    pre_scale: float = 1.0,
 ) -> torch.Tensor:
     """uint8 NCHW -> normalised float32 NCHW at ``target_size`` of each side.
 
     Resizing uses ``interpolation`` (antialiased where any side shrinks) and is skipped when the
     size does not change; the result is clamped to [0, 1] (as a resized uint8 image would be)
-    before ``(x - mean) / std``.
+    before ``(x - mean) / std``. ``pre_scale`` != 1 first resizes the float image by that factor
+    (``scale_factor`` semantics, antialiased when shrinking), then ``scale`` applies to the result:
+    two resizes, as VFM-VAE's image-space equivariance feeds its VFM.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise TypeError(f"images must be uint8 NCHW with 3 channels, got {images.dtype} {tuple(images.shape)}")
     x = images.float().div(255.0)
+    if pre_scale != 1.0:
+        x = F.interpolate(x, scale_factor=float(pre_scale), mode=interpolation, align_corners=False, antialias=pre_scale < 1.0)
     h, w = x.shape[-2:]
     th, tw = target_size(h, scale, patch_size), target_size(w, scale, patch_size)
     if (th, tw) != (h, w):
@@ -662,14 +667,14 @@ class FrozenVfm(Vfm):
             f"valid are 0..{d} (0 = embedding, k = block k) and -1..-{d + 2} (-1 = final norm)"
         )
 
-    def preprocess(self, images: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, scale: float | None = None, pre_scale: float = 1.0) -> torch.Tensor:
         s = self.input_scale if scale is None else float(scale)
-        return preprocess(images.to(self.device), s, self.patch_size, self.spec.interpolation, self.spec.mean, self.spec.std)
+        return preprocess(images.to(self.device), s, self.patch_size, self.spec.interpolation, self.spec.mean, self.spec.std, pre_scale)
 
-    def forward(self, images: torch.Tensor, layers: Sequence[int] = (-1,), scale: float | None = None) -> VfmTokens:
+    def forward(self, images: torch.Tensor, layers: Sequence[int] = (-1,), scale: float | None = None, pre_scale: float = 1.0) -> VfmTokens:
         layers = [int(i) for i in layers]
         index = {i: self.hidden_index(i) for i in layers}
-        x = self.preprocess(images, scale)
+        x = self.preprocess(images, scale, pre_scale)
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         blocks = {h for h in index.values() if h is not None}
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()

@@ -13,9 +13,16 @@ the resolution (the long side rounded); centre crop (offset ``(size - res) // 2`
 Subsets: ``data.train_images`` / ``data.val_images`` > 0 take that many files, chosen as the
 first n of ``numpy.random.default_rng([data.seed, split_id]).permutation(count)`` (split_id 0
 train, 1 val) and kept in (class, file name) order. 0 takes every file.
+
+Other transforms (``vfmbench.transforms``): the val split decodes with ``data.eval_transform``;
+a tokenizer trains on ``with_transform(data.train_transform, data.min_short_side)``, a view of the
+train split (random transforms draw from ``default_rng([data.seed, index, visit])``, visit counting
+this process's reads of that index; ``min_short_side`` keeps only files whose short side is at
+least that, read from each file's header once).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -30,6 +37,7 @@ from vfmbench.data import CorruptImageError
 from vfmbench.errors import UserError, did_you_mean
 from vfmbench.hookspecs import hookimpl
 from vfmbench.specs import DatasetSpec
+from vfmbench.transforms import DEFAULT, EVAL_TRANSFORMS, RANDOM, TRAIN_TRANSFORMS, adm_center_crop
 
 VERSION = "1"
 SPLITS = {"train": 0, "val": 1}
@@ -40,14 +48,7 @@ LAYOUT = "root/{train,val}/<class>/<image>"
 def center_crop_arr(image: Image.Image, resolution: int) -> np.ndarray:
     """ADM's centre crop: BOX halving while the short side >= 2 * res, BICUBIC resize of the short
     side to res, centre crop. Returns uint8 [res, res, C]."""
-    while min(image.size) >= 2 * resolution:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = resolution / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top = (arr.shape[0] - resolution) // 2
-    left = (arr.shape[1] - resolution) // 2
-    return arr[top : top + resolution, left : left + resolution]
+    return adm_center_crop(image, resolution)
 
 
 def _subdirs(path: Path) -> list[str]:
@@ -63,7 +64,7 @@ def _images(path: Path) -> list[str]:
 class ImageFolderDataset(Dataset):
     """``(uint8 [3, res, res] tensor, int label)`` pairs; see the module docstring."""
 
-    def __init__(self, root: str, split: str = "train", resolution: int = 256, max_images: int = 0, seed: int = 0):
+    def __init__(self, root: str, split: str = "train", resolution: int = 256, max_images: int = 0, seed: int = 0, transform: str = DEFAULT):
         if split not in SPLITS:
             raise UserError(f"dataset 'imagefolder' has no split {split!r}: {did_you_mean(split, SPLITS)}")
         if not root:
@@ -105,12 +106,41 @@ class ImageFolderDataset(Dataset):
         self.split_dir = split_dir
         self.files = files
         self.num_classes = len(self.classes)
-        listing = hashlib.sha256("\n".join(f for f, _ in files).encode()).hexdigest()[:12]
-        subset = f":subset-seed={self.seed}" if max_images else ""
+        self._subset = f":subset-seed={self.seed}" if max_images else ""
+        self._set_transform(transform)
+
+    def _set_transform(self, name: str) -> None:
+        table = {**EVAL_TRANSFORMS, **TRAIN_TRANSFORMS}
+        if name not in table:
+            raise UserError(f"unknown image transform {name!r}: {did_you_mean(name, table)}")
+        self.transform, self._fn, self._visits = name, table[name], {}
+        listing = hashlib.sha256("\n".join(f for f, _ in self.files).encode()).hexdigest()[:12]
+        how = "" if name == DEFAULT else f":transform={name}"
         self.cache_id = (
-            f"imagefolder:v{VERSION}:root={self.root}:split={split}:res={self.resolution}:"
-            f"n={len(files)}:files={self.file_count}:list={listing}{subset}"
+            f"imagefolder:v{VERSION}:root={self.root}:split={self.split}:res={self.resolution}:"
+            f"n={len(self.files)}:files={self.file_count}:list={listing}{self._subset}{how}"
         )
+
+    def with_transform(self, name: str, min_short_side: int = 0) -> "ImageFolderDataset":
+        """A view decoding with transform ``name``, keeping only files whose short side is >= ``min_short_side``."""
+        view = copy.copy(self)
+        if min_short_side:
+            keep = []
+            for rel, label in self.files:
+                try:
+                    with Image.open(self.split_dir / rel) as im:
+                        size = im.size
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                    keep.append((rel, label))  # a corrupt file is reported (or skipped) when it is read
+                    continue
+                if min(size) >= min_short_side:
+                    keep.append((rel, label))
+            if not keep:
+                raise UserError(f"no image of {str(self.split_dir)!r} has a short side >= data.min_short_side={min_short_side}")
+            view.files = keep
+            view._subset = f"{self._subset}:min-short-side={min_short_side}"
+        view._set_transform(name)
+        return view
 
     def __len__(self) -> int:
         return len(self.files)
@@ -127,13 +157,18 @@ class ImageFolderDataset(Dataset):
                 rgb = im.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise CorruptImageError(repr(str(path)), f"{type(e).__name__}: {e}") from None
-        arr = center_crop_arr(rgb, self.resolution)
+        rng = None
+        if self.transform in RANDOM:
+            visit = self._visits[index] = self._visits.get(index, -1) + 1
+            rng = np.random.default_rng([self.seed, index, visit])
+        arr = self._fn(rgb, self.resolution, rng)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label
 
 
 def factory(cfg: DataConfig, split: str) -> ImageFolderDataset:
     n = cfg.train_images if split == "train" else cfg.val_images
-    return ImageFolderDataset(cfg.root, split=split, resolution=cfg.resolution, max_images=n, seed=cfg.seed)
+    transform = cfg.eval_transform if split == "val" else DEFAULT  # training batches: vfmbench.transforms.training_view
+    return ImageFolderDataset(cfg.root, split=split, resolution=cfg.resolution, max_images=n, seed=cfg.seed, transform=transform)
 
 
 @hookimpl

@@ -45,7 +45,7 @@ COMPONENTS = {
     "distill": {"latent_channels": 32, "downsample": 16, "target": "cosine"},
     "rae": {"encoder_norm": "layernorm", "noise_tau": 0.8},
     "ldm-decoder": {"base_channels": 128, "channel_mult": [1, 1, 2, 2, 4], "blocks": 2, "attn_levels": [-1]},
-    "vit-decoder": {"width": 1152, "depth": 28, "heads": 16, "mlp_ratio": 4.0},
+    "vit-decoder": {"width": 1152, "depth": 28, "heads": 16, "mlp_ratio": 4096 / 1152},  # RAE ViT-XL: MLP 4096
 }
 
 FAMILIES = {

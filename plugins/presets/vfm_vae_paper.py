@@ -15,7 +15,11 @@ stage                  images      lr     trains                                
 3 patchgan-finetune    3 M         5e-5   high-resolution half of the decoder           GAN 1, PatchGAN 1, feature matching 10
 =====================  ==========  =====  ============================================  ==========================================
 
-Data: ImageNet-1k in the ImageNet folder layout (``--set data.root=DIR``). The preset stops after
+Data: ImageNet-1k in the ImageNet folder layout (``--set data.root=DIR``). The tokenizer trains on
+VFM-VAE's augmentation (``data.train_transform=vfm-vae-random-crop``, images with a short side of
+at least 256); reconstruction metrics use its reported resize + centre crop
+(``data.eval_transform=resize-center-crop``; ``adm-center-crop`` for ADM-protocol rows); the latent
+cache uses ADM's centre crop. The preset stops after
 the tokenizer, its reconstruction metrics and the latent cache; diffusion presets build on it.
 """
 from vfmbench.hookspecs import hookimpl
@@ -40,7 +44,10 @@ STAGES = [
 
 PAPER = {
     "run": {"stages": ["tokenizer", "recon-eval", "latents", "latent-eval", "results"]},
-    "data": {"dataset": "imagefolder", "resolution": 256, "batch_size": 64},
+    # VFM-VAE's training data (training/data_wds.py, imagenet_train_hr_indices): random crops of 0.5-1 of the
+    # short side, Lanczos, flips, images with a short side >= 256; rFID as its reconstruction tool (resize + centre crop)
+    "data": {"dataset": "imagefolder", "resolution": 256, "batch_size": 64, "train_transform": "vfm-vae-random-crop",
+             "min_short_side": 256, "eval_transform": "resize-center-crop"},
     "vfm": {"name": "siglip2-l16-512", "size": "full", "pretrained": True, "layers": [0, 12, -1]},
     "tokenizer": {
         "name": "vfm-vae",
@@ -51,7 +58,7 @@ PAPER = {
     "component_args": {
         "vfm-vae": {
             "latent_channels": 32, "downsample": 16, "compress_width": 64, "decompress_width": 512, "mlp_ratio": 2.0,
-            "betas": [0.0, 0.99], "disc_vfm": "dinov2-s14", "disc_hooks": [0, 3, 6, 9, 12], "disc_resolution": 224,
+            "betas": [0.0, 0.99], "disc_vfm": "dino-s16", "disc_hooks": [0, 3, 6, 9, 12], "disc_resolution": 224,
             "safe_loss_factor": 10.0, "safe_loss_warmup_images": 50_000, "stages": STAGES,
         },
         "vfm-vae-decoder": {

@@ -21,8 +21,10 @@ state dict, optionally under ``G_ema``) load through ``tokenizer.weights`` (``RE
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -77,8 +79,8 @@ class VfmVaeArgs:
     mlp_ratio: float = 2.0  # GeGLU hidden width / output width in every attention projection
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])  # Adam betas of both phases
     # Projected discriminator on a frozen ViT (any VFM plugin; the paper uses DINO v1 ViT-S/16).
-    disc_vfm: str = "dinov2-s14"
-    disc_vfm_weights: str = ""  # local weights of the discriminator ViT; else its library cache
+    disc_vfm: str = "dino-s16"
+    disc_vfm_weights: str = ""  # local weights (file or folder) of the discriminator ViT, as vfm.weights; else its library cache
     disc_hooks: list[int] = field(default_factory=lambda: [0, 3, 6, 9, 12])  # hidden states: 0 = embedding, k = block k
     disc_resolution: int = 224
     disc_crop_p: float = 0.5  # probability of a random crop (instead of a resize) for larger images
@@ -352,7 +354,8 @@ class VfmVae(Tokenizer):
             init_head(m)
         self.decoder = decoder
         self.disc = nn.ModuleDict({
-            "projected": ProjectedDiscriminator(disc_embed_dim, args.disc_hooks, args.disc_resolution, args.disc_crop_p, args.disc_diffaug),
+            "projected": ProjectedDiscriminator(disc_embed_dim, args.disc_hooks, args.disc_resolution, args.disc_crop_p, args.disc_diffaug,
+                                               interpolation=vfm.spec.interpolation),  # the generator VFM's resize mode
             "patchgan": MultiScalePatchGan(args.patchgan_ndf, args.patchgan_layers, args.patchgan_scales),
         })
         self.disc.requires_grad_(False)  # trained only inside its own phase
@@ -367,10 +370,11 @@ class VfmVae(Tokenizer):
 
     # -- encoder side ---------------------------------------------------------------------------
     def _vfm_tokens(self, images: torch.Tensor, image_scale: float = 1.0):
+        """The VFM taps; ``image_scale`` < 1 (image-space equivariance) first downscales the image by it
+        (antialiased), then the VFM's own resize applies: two resizes, as the reference encoder does."""
         want = sorted(set(self.layers) | {-1})
-        scale = None if image_scale == 1.0 else self.vfm.input_scale * image_scale
         with torch.no_grad():
-            return self.vfm(images, want, scale=scale)
+            return self.vfm(images, want, pre_scale=image_scale)
 
     def _posterior(self, out) -> DiagonalGaussian:
         gh, gw = out.grid
@@ -591,7 +595,7 @@ class VfmVae(Tokenizer):
             if st.feature_matching > 0:
                 with torch.no_grad():
                     real_feats = self.disc["patchgan"](target)
-                fm = feature_matching_loss([f[:-1] for f in real_feats], [f[:-1] for f in fake_feats])
+                fm = feature_matching_loss(real_feats, fake_feats)
                 total = total + st.feature_matching * fm
                 logs["feature_matching"] = float(fm.detach())
         values = {k: float(v.detach()) for k, v in terms.items()}
@@ -636,6 +640,23 @@ class VfmVae(Tokenizer):
         return loss, logs
 
     # -- released weights -----------------------------------------------------------------------
+    def _compare_vfm_tower(self, state: Mapping[str, Any]) -> None:
+        """The released file carries the authors' frozen VFM under ``vfm_encoder.encoder.vision_model.``
+        (SigLIP2); the model uses the VFM plugin's weights instead. Where the names meet, say on stderr
+        if they differ (another checkpoint than the one the tokenizer was trained with)."""
+        prefix = "vfm_encoder.encoder.vision_model."
+        model = getattr(self.vfm, "model", None)
+        mine = model.state_dict() if isinstance(model, nn.Module) else {}
+        pairs = [(k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in mine]
+        if not pairs or mine[pairs[0][0]].device.type == "meta":
+            return
+        differ = [k for k, v in pairs if v.shape != mine[k].shape or not torch.equal(v.to(mine[k]), mine[k])]
+        if differ:
+            print(f"[vfmbench] the released VFM-VAE file's frozen VFM differs from vfm {self.vfm.spec.name!r} "
+                  f"(weights {self.vfm.weights_id}) in {len(differ)} of {len(pairs)} shared tensors, e.g. {differ[:2]}: "
+                  "the latents will not match the release; pass the authors' VFM with --set vfm.weights=PATH",
+                  file=sys.stderr, flush=True)
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Also accepts the authors' generator checkpoint (a state dict, or a dict with ``G_ema``):
         keys are renamed by ``RELEASED_KEY_MAP``; parts the release does not hold (discriminator,
@@ -648,6 +669,7 @@ class VfmVae(Tokenizer):
         exponents = getattr(self.decoder, "exponents", None)
         if exponents is None:
             raise UserError("released VFM-VAE weights need the paper's decoder: use --decoder vfm-vae-decoder")
+        self._compare_vfm_tower(state)
         mapped, unknown = convert_released(state, injection_rules(exponents, [int(i) for i in self.decoder.inject]))
         if unknown:
             raise UserError(f"the released checkpoint has {len(unknown)} keys no mapping rule knows, e.g. {unknown[:4]}")
@@ -657,7 +679,70 @@ class VfmVae(Tokenizer):
             raise UserError(f"the released checkpoint does not match tokenizer.args/decoder.args: {len(wrong)} tensors differ, e.g. {wrong[:3]}")
         mapped = {k: v.reshape(own[k].shape) if k in own else v for k, v in mapped.items()}
         keep = {k: v for k, v in own.items() if k.startswith(("disc.", "latent_")) or (k not in mapped and k.endswith("noise_const"))}
+        if "vf_proj.weight" not in mapped:  # the released stage-3 file (use_vf_loss=False) has no VF projector
+            keep["vf_proj.weight"] = own["vf_proj.weight"]
+            print("[vfmbench] the released VFM-VAE weights hold no VF projector (ldm_adapter.linear_proj): "
+                  "keeping the model's own vf_proj (used only by the VF alignment loss in training)", file=sys.stderr, flush=True)
         return super().load_state_dict({**keep, **mapped}, strict=strict, assign=assign)
+
+
+# ---------------------------------------------------------------------------------------------
+# Discriminator settings (checked when the tokenizer is built: a run's preflight builds it on the
+# meta device, so bad values stop the run before anything is written)
+
+
+@contextlib.contextmanager
+def disc_errors(args: VfmVaeArgs):
+    """Re-raise a VFM error about the discriminator backbone naming it and its own settings."""
+    try:
+        yield
+    except UserError as e:
+        msg = str(e).replace("`--set vfm.weights=PATH`", "`--set tokenizer.args.disc_vfm_weights=PATH`")
+        msg = msg.replace("vfm.weights=", "tokenizer.args.disc_vfm_weights=")
+        raise type(e)(f"discriminator backbone (tokenizer.args.disc_vfm={args.disc_vfm!r}): {msg}") from None
+
+
+def trains_gan(args: VfmVaeArgs, cfg) -> bool:
+    """Whether this run trains the tokenizer with a stage that uses the projected discriminator."""
+    from vfmbench.build import tokenizer_is_trained
+
+    stages = args.stages or [StageArgs()]
+    return "tokenizer" in cfg.run.stages and tokenizer_is_trained(cfg) and any(s.gan > 0 for s in stages)
+
+
+def check_disc_settings(args: VfmVaeArgs, spec, disc_cfg, backbone, gan: bool, locate: bool) -> None:
+    """Hooks, resolution, crop probability and weights of the projected discriminator. A local
+    weights path must exist. With ``locate`` (a run's preflight; not a dry run) and a stage that
+    trains with the discriminator, weights are located, never read: without a local path, a tiny
+    backbone has none and, offline, the library cache must hold them."""
+    from pathlib import Path
+
+    from vfmbench.errors import MissingWeightsError
+    from vfmbench.vfm import is_offline
+
+    name = f"the discriminator backbone {spec.name!r} ({disc_cfg.size}, {backbone.num_blocks} blocks)"
+    hooks = [int(h) for h in args.disc_hooks]
+    if not hooks or any(not 0 <= h <= backbone.num_blocks for h in hooks):
+        raise UserError(f"tokenizer.args.disc_hooks={args.disc_hooks} must be a non-empty list of hidden-state indices of {name}: "
+                        f"0..{backbone.num_blocks} (0 = patch embedding, k = output of block k)")
+    if args.disc_resolution < backbone.patch_size:
+        raise UserError(f"tokenizer.args.disc_resolution={args.disc_resolution} is smaller than one {backbone.patch_size} px patch of {name}")
+    if not 0.0 <= args.disc_crop_p <= 1.0:
+        raise UserError(f"tokenizer.args.disc_crop_p={args.disc_crop_p} is a probability: give a value in [0, 1]")
+    if args.disc_vfm_weights and not Path(args.disc_vfm_weights).expanduser().exists():
+        raise MissingWeightsError(f"tokenizer.args.disc_vfm_weights={args.disc_vfm_weights!r} ({name}) does not exist; "
+                                  f"pass an existing file or folder ({spec.adapter.how_to_fetch(spec)})")
+    if not (locate and gan and disc_cfg.pretrained) or args.disc_vfm_weights:
+        return
+    if disc_cfg.size != "full":
+        raise MissingWeightsError(f"{name} at size {disc_cfg.size!r} has no published weights: pass your own with "
+                                  "`--set tokenizer.args.disc_vfm_weights=PATH`, or use `--set vfm.pretrained=false` for a smoke run")
+    if is_offline():
+        found, looked = spec.adapter.cached(spec)
+        if found is None:
+            raise MissingWeightsError(
+                f"pretrained weights of {name} were not found (looked in: {'; '.join(looked)}; offline). Fetch them "
+                f"({spec.adapter.how_to_fetch(spec)}) and pass `--set tokenizer.args.disc_vfm_weights=PATH`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,13 +773,18 @@ def build(args: VfmVaeArgs, ctx) -> VfmVae:
     if not args.eq_latent_scales or not all(0 < s <= 1 for s in args.eq_latent_scales + args.eq_image_scales):
         raise UserError("tokenizer.args.eq_latent_scales must be non-empty and every equivariance scale must lie in (0, 1]")
     decoder = ctx.decoder(args.decompress_width, args.downsample, default="vfm-vae-decoder")
-    disc_spec = ctx.host.vfms.get(args.disc_vfm)
-    disc_cfg = VfmConfig(name=args.disc_vfm, size=cfg.vfm.size, pretrained=cfg.vfm.pretrained, weights=args.disc_vfm_weights)
-    meta_backbone = build_vfm(disc_spec, disc_cfg, meta=True)  # the heads' width, without reading weights
+    with disc_errors(args):
+        disc_spec = ctx.host.vfms.get(args.disc_vfm)
+        # local weights are always used; else the discriminator follows vfm.pretrained (random init only in smoke runs)
+        disc_cfg = VfmConfig(name=args.disc_vfm, size=cfg.vfm.size, pretrained=cfg.vfm.pretrained or bool(args.disc_vfm_weights),
+                             weights=args.disc_vfm_weights)
+        meta_backbone = build_vfm(disc_spec, disc_cfg, meta=True)  # the heads' width, without reading weights
+    check_disc_settings(args, disc_spec, disc_cfg, meta_backbone, trains_gan(args, cfg), locate=ctx.preflight or not ctx.meta)
     device = ctx.device
 
     def make_disc_backbone():
-        return build_vfm(disc_spec, disc_cfg, cache_dir=ctx.cache_dir)
+        with disc_errors(args):
+            return build_vfm(disc_spec, disc_cfg, cache_dir=ctx.cache_dir)
 
     def make_lpips(dev):
         from vfmbench.metrics.image import LpipsVgg
@@ -715,8 +805,8 @@ def register_tokenizers(register):
             description="Frozen VFM encoder + attention-projection KL latent head + VFM-VAE decoder, four-stage recipe (Bi et al. 2025)",
             factory=build,
             config=VfmVaeArgs,
-            version="2",
-            source="https://github.com/tianciB/VFM-VAE (re-implemented from the paper's description)",
+            version="3",  # 3: the reference's discriminator (DINO v1, class-token readout, cutout 0.2, FM weight) and equivariance resize
+            source="https://github.com/tianciB/VFM-VAE @ b3a752a (re-implemented; generator checked against its golden outputs)",
             paper="Bi et al. 2025, Vision Foundation Models Can Be Good Tokenizers for Latent Diffusion Models (arXiv 2510.18457)",
             license="Apache-2.0",
             latent_channels=32,

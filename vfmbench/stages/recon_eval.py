@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .. import transforms
 from ..context import RunContext
 from ..hookspecs import hookimpl
 from ..images import save_pairs
@@ -32,7 +33,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     # the first n images of the val split's cached features (the gFID reference reads the same cache)
     n_val = len(ctx.dataset("val"))
     reference = ev.dataset_reference(ctx.val_reference_key(n_val), ctx.val_reference_shard(n_val), take=n)
-    rows = ev.finish("reconstruction", reference)
+    rows = ev.finish("reconstruction", reference, extra_protocol=transforms.protocol(ctx.dataset("val")))
     first = next((f for f in ctx.dist.gather_object(first) or [] if f is not None), None)
     if not ctx.dist.is_main():
         return {}

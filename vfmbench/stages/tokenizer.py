@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .. import transforms
 from ..build import param_counts
 from ..checkpoint import load_torch, save_torch
 from ..context import RunContext, load_tokenizer_state
@@ -26,6 +27,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         tc = cfg.tokenizer.train
         stages = tok.training_stages(tc.images, tc.lr)
         info["stages"] = []
+        train = transforms.training_view(ctx.dataset("train"), cfg.data)  # data.train_transform
         for i, st in enumerate(stages):
             tag = f"stage{i}-{st.name}" if len(stages) > 1 else "main"
             final = d / f"{tag}.pt"
@@ -36,7 +38,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 continue
             torch.manual_seed(cfg.run.seed + i)
             result = train_loop(
-                tok, tok.training_phases(st.lr), lambda idx: ctx.image_batch("train", idx), len(ctx.dataset("train")),
+                tok, tok.training_phases(st.lr), lambda idx: ctx.image_batch("train", idx, train), len(train),
                 total_images=st.images, batch_size=tc.batch_size, ckpt_path=d / f"ckpt-{tag}.pt", seed=cfg.run.seed + i,
                 ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints,
                 log_every_images=tc.log_every_images, grad_accum=tc.grad_accum, log_path=d / f"train_log-{tag}.jsonl", desc=f"tokenizer {st.name}",
