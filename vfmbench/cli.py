@@ -85,8 +85,10 @@ def cmd_list(args) -> int:
                  ", ".join(s.protocol_fields), s.description] for s in reg]
         headers = ["name", "family", "better", "inputs", "features", "protocol fields", "description"]
     elif args.kind == "tokenizers":
-        rows = [[s.name, f"f{s.downsample}d{s.latent_channels}", "yes" if s.uses_vfm else "no", s.default_decoder or "fixed", s.description] for s in reg]
-        headers = ["name", "latent", "frozen VFM", "decoder", "description"]
+        rows = [[s.name, f"f{s.downsample}d{s.latent_channels}", "yes" if s.uses_vfm else "no", s.default_decoder or "fixed",
+                 s.release or "–", f"{s.encoder_params_m:g}/{s.decoder_params_m:g}" if s.release else "–", s.license if s.release else "–",
+                 s.description] for s in reg]
+        headers = ["name", "latent", "frozen VFM", "decoder", "release", "enc/dec M", "licence", "description"]
     elif args.kind == "extractors":
         rows = [[s.name, s.inputs, ", ".join(s.features), reg.owner(s.name), s.description] for s in reg]
         headers = ["name", "inputs", "features", "plugin", "description"]
@@ -191,7 +193,7 @@ def cmd_sweep(args) -> int:
     slurm = _slurm_options(args)
     host = _host(args)
     return run_sweep(host, Path(args.file), out=args.out, dry_run=args.dry_run, launcher=args.launcher, slurm=slurm,
-                     plugins_dir=args.plugins_dir)
+                     plugins_dir=args.plugins_dir, sets=args.set)
 
 
 def cmd_eval(args) -> int:
@@ -228,7 +230,7 @@ def cmd_eval(args) -> int:
         print(png)
         return 0
     if not args.weights:
-        raise UserError(f"eval {args.what} needs --weights PATH (a tokenizer model.pt)")
+        raise UserError(f"eval {args.what} needs --weights PATH (a tokenizer model.pt, or the release folder of a zoo tokenizer)")
     from .evalcmd import EVAL_STAGES
 
     sets += [f"tokenizer.weights={args.weights}", f"run.stages={json.dumps(EVAL_STAGES[args.what])}"]
@@ -290,7 +292,13 @@ def cmd_leaderboard(args) -> int:
         _copy_images(rows, out)
     if args.correlate and out is None:
         raise UserError("--correlate writes scatter plots next to the markdown: pass --out FILE.md")
-    text = render(rows, title=args.title, link_base=out.parent if out else Path.cwd())
+    if args.zoo:
+        from .zoo_board import render_zoo
+
+        title = "Released tokenizer zoo" if args.title == "vfmbench leaderboard" else args.title
+        text = render_zoo(rows, _host(args), Path(args.published) if args.published else None, title=title)
+    else:
+        text = render(rows, title=args.title, link_base=out.parent if out else Path.cwd())
     if args.correlate:
         from .correlate import report
 
@@ -338,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sweep", help="run a matrix of combinations from a YAML file, one after another or as Slurm jobs")
     sp.add_argument("file")
     sp.add_argument("--out", help="parent folder of run directories (overrides the file)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every combination, after the file's (repeatable)")
     sp.add_argument("--dry-run", action="store_true", help="print each combination, its run directory and whether it is finished")
     sp.add_argument("--launcher", choices=("local", "slurm"), default="local",
                     help="local: one after another in this process (default); slurm: one submitit job per combination, each a torchrun")
@@ -359,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--topk", type=int, default=10, help="alignment: CKNNA neighbours")
     sp.add_argument("--reference-vfm", help="alignment: the reference VFM (default: the run's VFM)")
     sp.add_argument("--reference", help="generation: an ADM reference batch .npz or a folder of images")
-    sp.add_argument("--weights", help="reconstruction, latents: tokenizer weights (model.pt of a run)")
+    sp.add_argument("--weights", help="reconstruction, latents: tokenizer weights (model.pt of a run, or a zoo release folder: docs/zoo.md)")
     sp.add_argument("--preset")
     sp.add_argument("--tokenizer")
     sp.add_argument("--vfm")
@@ -376,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="write to this file instead of stdout")
     sp.add_argument("--title", default="vfmbench leaderboard")
     sp.add_argument("--copy-images", action="store_true", help="copy the linked PNG grids next to --out (for publishing)")
+    sp.add_argument("--zoo", action="store_true", help="the zoo leaderboard: one line per released tokenizer run, metadata columns (docs/zoo.md)")
+    sp.add_argument("--published", help="--zoo: YAML of the authors' own numbers, shown in a separate table (leaderboards/zoo-published.yaml)")
     sp.add_argument("--correlate", metavar="METRIC", help="add how well each latent metric predicts METRIC (e.g. gfid) across the runs: "
                     "Pearson/Spearman/Kendall with bootstrap CIs, and scatter plots in <out>-correlate/")
     sp.set_defaults(func=cmd_leaderboard)

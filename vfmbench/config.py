@@ -174,6 +174,11 @@ class MetricsConfig:
 
 
 @dataclass
+class ZooConfig:
+    root: str = ""  # folder of released tokenizers, one subfolder per zoo entry (ROOT/NAME); docs/zoo.md
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -182,6 +187,7 @@ class RunConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
     # Per-component default arguments, keyed by component name (presets use this so that e.g.
     # --tokenizer kl-vae picks up the preset's kl-vae sizes); ``<section>.args`` wins over it.
     component_args: dict[str, dict[str, Any]] = field(default_factory=dict)

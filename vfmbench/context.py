@@ -26,6 +26,7 @@ from .interfaces import Tokenizer
 from .passes import DataPasses
 from .plugins import Host
 from .results import SCHEMA_VERSION, write_rows
+from .zoo import is_release
 
 
 def log(msg: str) -> None:
@@ -168,6 +169,8 @@ class RunContext(DataPasses):
         family = r["family"]
         smoke = c.run.smoke or r.get("smoke", False)
         protocol = {**r["protocol"], "data_skipped_images": self.data_skips().total()} if c.data.skip_corrupt else r["protocol"]
+        if is_release(tok):  # the zoo's protocol fields (vfmbench.zoo.release_protocol)
+            protocol = {**protocol, **self.tokenizer().protocol()}
         return {
             "schema": SCHEMA_VERSION, "run_id": self.run_dir.name, "label": "smoke" if smoke else "official",
             "tokenizer": tok.name, "tokenizer_version": tok.version,

@@ -26,6 +26,7 @@ from .context import RunContext, git_hash, log  # noqa: F401 - log, git_hash: th
 from .errors import UserError
 from .planner import Plan, check_plan, execute, make_plan, requested_stages
 from .plugins import Host
+from .zoo import is_release, release_path
 
 # Config keys that do not change what a run computes (excluded from the run directory's hash).
 NON_RESULT_KEYS = {
@@ -71,6 +72,8 @@ def validate(host: Host, cfg: RunConfig) -> None:
 
     tok = host.tokenizers.get(cfg.tokenizer.name)
     validate_args(tok.config, component_args(cfg, tok.name, cfg.tokenizer.args), "tokenizer.args")
+    if is_release(tok):
+        release_path(tok, cfg)  # a released tokenizer's weights: found, or the release and its fetch command named
     if tok.uses_vfm:
         host.vfms.get(cfg.vfm.name)
     if cfg.vfm.size not in ("full", "tiny"):

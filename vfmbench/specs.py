@@ -77,6 +77,16 @@ class TokenizerSpec(Spec):
     uses_decoder: bool = True
     default_decoder: str = ""
     normalisation: str = "per-channel"
+    # Released weights (the zoo, docs/zoo.md): a non-empty ``release`` marks a tokenizer evaluated as
+    # released: it is loaded from ``tokenizer.weights`` (or ``zoo.root``/NAME) and never trained.
+    release: str = ""  # release id (hub repo / file) of the weights
+    fetch: str = ""  # the command that fetches the release into a local folder
+    encoder_params_m: float = 0.0  # published encoder / decoder parameter counts, in millions
+    decoder_params_m: float = 0.0
+    native_resolution: int = 0  # the resolution the release was trained at (0 = not stated)
+    input_range: str = "[-1, 1]"  # pixel range the release's encoder takes and its decoder returns
+    shipped_normalisation: str = ""  # the release's own latent normalisation, in words (e.g. 'scale 0.18215')
+    deterministic: bool = False  # the encoder gives a point latent (no posterior variance)
 
     kind = "tokenizer"
 

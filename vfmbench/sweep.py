@@ -32,7 +32,7 @@ from .errors import UserError
 from .plugins import Host
 
 FLAG_KEYS = {"tokenizer": "tokenizer.name", "vfm": "vfm.name", "decoder": "decoder.name", "diffusion": "diffusion.name", "dataset": "data.dataset"}
-SPEC_KEYS = ("preset", "config", "set", "out", "matrix", "include", "exclude")
+SPEC_KEYS = ("preset", "config", "set", "out", "matrix", "include", "exclude", "leaderboard")
 STATUS_FILE = "sweep-status.jsonl"
 CONFIG_FILE = "sweep-config.yaml"  # the resolved config a Slurm job runs
 
@@ -78,7 +78,7 @@ class Combination:
         return self.run_dir.name
 
 
-def load_sweep(host: Host, path: Path, out: str | None = None) -> tuple[str, Path, list[Combination]]:
+def load_sweep(host: Host, path: Path, out: str | None = None, extra_sets: list[str] | None = None) -> tuple[str, Path, list[Combination]]:
     """Read and validate a sweep file: (preset name, out folder, combinations). Writes nothing."""
     from .config import resolve
     from .runner import resolve_stages, run_name, validate
@@ -94,9 +94,13 @@ def load_sweep(host: Host, path: Path, out: str | None = None) -> tuple[str, Pat
     unknown = set(spec) - set(SPEC_KEYS)
     if unknown:
         raise UserError(f"sweep file {path}: unknown keys {sorted(unknown)} (valid: {', '.join(SPEC_KEYS)})")
+    if "leaderboard" in spec:
+        from .zoo_board import check_board
+
+        check_board(spec["leaderboard"])
     preset_name = spec.get("preset") or "smoke"
     preset = host.presets.get(preset_name)
-    sets = [parse_set(s) for s in spec.get("set", []) or []]
+    sets = [parse_set(s) for s in [*(spec.get("set", []) or []), *(extra_sets or [])]]  # --set of the command line last
     base = spec.get("config") or {}
     if not isinstance(base, dict):
         raise UserError(f"sweep file {path}: 'config' must be a mapping of sections (run:, data:, ...)")
@@ -168,11 +172,12 @@ def _write_error(c: Combination, text: str) -> str:
 
 
 def run_sweep(host: Host, path: Path, out: str | None = None, dry_run: bool = False, launcher: str = "local",
-              slurm: Any = None, plugins_dir: str | None = None) -> int:
-    """Run (or submit) every unfinished combination; 0 when none failed, else 1."""
+              slurm: Any = None, plugins_dir: str | None = None, sets: list[str] | None = None) -> int:
+    """Run (or submit) every unfinished combination; 0 when none failed, else 1. A ``leaderboard``
+    section of the file (out, title, published) renders the zoo leaderboard once the local runs end."""
     from .runner import log
 
-    preset, folder, combos = load_sweep(host, path, out)
+    preset, folder, combos = load_sweep(host, path, out, sets)
     if launcher not in ("local", "slurm"):
         raise UserError(f"unknown launcher {launcher!r}: use local or slurm")
     if dry_run:
@@ -196,6 +201,11 @@ def run_sweep(host: Host, path: Path, out: str | None = None, dry_run: bool = Fa
         _run_slurm(host, path, folder, preset, todo, counts, slurm_launcher, plugins_dir)
     else:
         _run_local(host, path, folder, todo, counts, len(combos))
+        board = (yaml.safe_load(path.read_text()) or {}).get("leaderboard")
+        if board is not None:
+            from .zoo_board import write_sweep_board
+
+            log(f"sweep leaderboard: {write_sweep_board(host, board, folder)}")
     log(f"sweep finished: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (finished earlier); "
         f"status in {folder / STATUS_FILE}")
     return 1 if counts["failed"] else 0

@@ -14,12 +14,15 @@ from ..hookspecs import hookimpl
 from ..images import plot_curves, save_pairs
 from ..specs import StageSpec
 from ..train import train_loop
+from ..zoo import is_release
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
     d, cfg = ctx.folder, ctx.cfg
     tok = ctx.tokenizer()
     info: dict[str, Any] = {"params": param_counts(tok)}
+    if is_release(tok.spec):  # evaluated as released (docs/zoo.md): the factory loaded its weights, nothing to train or save
+        return {**info, "release": tok.spec.release, "weights": tok.weights_id}
     if cfg.tokenizer.weights:
         load_tokenizer_state(tok, load_torch(cfg.tokenizer.weights, ctx.device))
         info["loaded_from"] = str(cfg.tokenizer.weights)
