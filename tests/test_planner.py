@@ -45,9 +45,9 @@ def test_builtin_stages_are_plugins_in_pipeline_order(host):
 
 
 def test_third_party_stage_is_ordered_by_its_needs():
-    host = _host(_spec("latent-eval", needs=["latents"], produces=["rows"], order=1))  # order 1 alone would put it first
+    host = _host(_spec("toy-eval", needs=["latents"], produces=["rows"], order=1))  # order 1 alone would put it first
     order = stage_order(host)
-    assert order.index("latents") < order.index("latent-eval") < order.index("results")
+    assert order.index("latents") < order.index("toy-eval") < order.index("results")
 
 
 def test_cycle_is_reported():
@@ -75,7 +75,7 @@ def test_plan_skips_done_stages_and_blocks_unmet_needs(host, tmp_path):
     _done(tmp_path, "tokenizer", "latents", "results")
     plan = make_plan(host, list(STAGES), tmp_path)
     assert {s.stage: s.action for s in plan.steps} == {
-        "tokenizer": "skip", "recon-eval": "run", "latents": "skip", "probe": "run", "diffusion": "run", "sample": "run",
+        "tokenizer": "skip", "recon-eval": "run", "latents": "skip", "latent-eval": "run", "probe": "run", "diffusion": "run", "sample": "run",
         "gen-eval": "run", "results": "run"}
     assert "skip     tokenizer      done (tokenizer/done.json)" in format_plan(plan)
     check_plan(plan)
@@ -98,10 +98,10 @@ def test_need_without_producer_names_the_missing_plugin(tmp_path):
 
 
 def test_resolve_accepts_registered_stage_names():
-    host = _host(_spec("latent-eval", needs=["latents"], produces=["rows"]))
-    with pytest.raises(UserError, match="unknown stage 'latent-eval'"):
-        resolve([parse_set("run.stages=[latent-eval]")])  # the built-ins only
-    assert resolve([parse_set("run.stages=[latent-eval]")], host.stages.names()).run.stages == ["latent-eval"]
+    host = _host(_spec("toy-eval", needs=["latents"], produces=["rows"]))
+    with pytest.raises(UserError, match="unknown stage 'toy-eval'"):
+        resolve([parse_set("run.stages=[toy-eval]")])  # the built-ins only
+    assert resolve([parse_set("run.stages=[toy-eval]")], host.stages.names()).run.stages == ["toy-eval"]
 
 
 def test_blocked_stage_exits_2_before_any_work(tmp_path):

@@ -234,19 +234,24 @@ def cmd_eval(args) -> int:
         print(png)
         return 0
     if not args.weights:
-        raise UserError("eval reconstruction needs --weights PATH (a tokenizer model.safetensors written by a run, or the release folder of a zoo tokenizer)")
-    sets += [f"tokenizer.weights={args.weights}", 'run.stages=["tokenizer", "recon-eval", "results"]']
+        raise UserError(f"eval {args.what} needs --weights PATH (a tokenizer model.safetensors written by a run, or the release folder of a zoo tokenizer)")
+    from .evalcmd import EVAL_STAGES
+
+    sets += [f"tokenizer.weights={args.weights}", f"run.stages={json.dumps(EVAL_STAGES[args.what])}"]
     if args.smoke:
         sets.append("run.smoke=true")
     cfg = resolve_run_config(host, args.preset, args.config, sets, {
         "tokenizer": args.tokenizer, "vfm": args.vfm, "decoder": args.decoder, "diffusion": None, "dataset": args.dataset, "out": args.out})
+    from . import dist
     from .results import read_rows
     from .runner import Run
 
+    dist.init_from_env()  # under torchrun: every rank runs the stages together
     run = Run.prepare(host, cfg)
     run.execute()
-    _print_rows(read_rows(run.run_dir / "results.jsonl"))
-    print(run.run_dir)
+    if dist.is_main():
+        _print_rows(read_rows(run.run_dir / "results.jsonl"))
+        print(run.run_dir)
     return 0
 
 
@@ -289,6 +294,8 @@ def cmd_leaderboard(args) -> int:
         if out is None:
             raise UserError("--copy-images needs --out (the pictures are copied next to the markdown file)")
         _copy_images(rows, out)
+    if args.correlate and out is None:
+        raise UserError("--correlate writes scatter plots next to the markdown: pass --out FILE.md")
     if args.zoo:
         from .zoo_board import render_zoo
 
@@ -296,6 +303,10 @@ def cmd_leaderboard(args) -> int:
         text = render_zoo(rows, _host(args), Path(args.published) if args.published else None, title=title)
     else:
         text = render(rows, title=args.title, link_base=out.parent if out else Path.cwd())
+    if args.correlate:
+        from .correlate import report
+
+        text = text.rstrip() + "\n\n" + report(rows, args.correlate, out.parent / f"{out.stem}-correlate", out.parent)
     if out:
         write_text(out, text)
         print(out)
@@ -331,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable), e.g. data.resolution=128")
     sp.add_argument("--out", help="parent folder of run directories (default: runs)")
     sp.add_argument("--stages", help="comma-separated stages to run (default: every registered stage; `vfmbench list stages`), "
-                    "e.g. tokenizer,recon-eval,latents,probe,diffusion,sample,gen-eval,results")
+                    "e.g. tokenizer,recon-eval,latents,latent-eval,probe,diffusion,sample,gen-eval,results")
     sp.add_argument("--dry-run", action="store_true", help="print the plan (run, skip, blocked and why), the resolved config and parameter counts; build no weights, train nothing")
     sp.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     sp.set_defaults(func=cmd_run)
@@ -354,14 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("eval", help="metrics without training: generated samples vs a reference, or a tokenizer from weights")
-    sp.add_argument("what", choices=("generation", "reconstruction", "alignment"))
+    sp.add_argument("what", choices=("generation", "reconstruction", "latents", "alignment"))
     sp.add_argument("samples", nargs="?", help="generation: a folder of images or an ADM .npz of samples; alignment: a run directory")
     sp.add_argument("--images", type=int, default=10_000, help="alignment: val images, a seeded random sample (VFM-VAE: 10k)")
     sp.add_argument("--seed", type=int, default=42, help="alignment: seed of the image sample and the transforms")
     sp.add_argument("--topk", type=int, default=10, help="alignment: CKNNA neighbours")
     sp.add_argument("--reference-vfm", help="alignment: the reference VFM (default: the run's VFM)")
     sp.add_argument("--reference", help="generation: an ADM reference batch .npz or a folder of images")
-    sp.add_argument("--weights", help="reconstruction: tokenizer weights (model.safetensors of a run, a .pt state dict, or a zoo release folder: docs/zoo.md)")
+    sp.add_argument("--weights", help="reconstruction, latents: tokenizer weights (model.safetensors of a run, a .pt state dict, or a zoo release folder: docs/zoo.md)")
     sp.add_argument("--preset")
     sp.add_argument("--tokenizer")
     sp.add_argument("--vfm")
@@ -370,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE")
     sp.add_argument("--smoke", action="store_true", help="allow random-init extractors (numbers labelled smoke)")
-    sp.add_argument("--out", help="generation: write rows to this .jsonl; reconstruction: parent folder of run directories")
+    sp.add_argument("--out", help="generation: write rows to this .jsonl; reconstruction, latents: parent folder of run directories")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("leaderboard", help="render markdown leaderboards from run directories or result files")
@@ -380,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--copy-images", action="store_true", help="copy the linked PNG grids next to --out (for publishing)")
     sp.add_argument("--zoo", action="store_true", help="the zoo leaderboard: one line per released tokenizer run, metadata columns (docs/zoo.md)")
     sp.add_argument("--published", help="--zoo: YAML of the authors' own numbers, shown in a separate table (leaderboards/zoo-published.yaml)")
+    sp.add_argument("--correlate", metavar="METRIC", help="add how well each latent metric predicts METRIC (e.g. gfid) across the runs: "
+                    "Pearson/Spearman/Kendall with bootstrap CIs, and scatter plots in <out>-correlate/")
     sp.set_defaults(func=cmd_leaderboard)
     return p
 

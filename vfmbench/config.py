@@ -22,7 +22,7 @@ import yaml
 from .errors import UserError, did_you_mean
 
 # The built-in stages (vfmbench.stages), in plan order; plugins may register more.
-STAGES = ("tokenizer", "recon-eval", "latents", "probe", "diffusion", "sample", "gen-eval", "results")
+STAGES = ("tokenizer", "recon-eval", "latents", "latent-eval", "probe", "diffusion", "sample", "gen-eval", "results")
 
 
 @dataclass
@@ -142,6 +142,24 @@ class ProbeConfig:
 
 
 @dataclass
+class LatentMetricsConfig:
+    """The ``latent-eval`` stage (vfmbench.latent_eval; docs/latent-metrics.md)."""
+
+    images: int = 0  # val images whose posterior means are measured; 0 = the whole val split
+    k: int = 10  # LNC nearest neighbours
+    viv_iterations: int = 5  # Kronecker flip-flop iterations
+    twonn_fraction: float = 0.9  # share of the r2/r1 ratios TwoNN fits
+    masks: str = ""  # ImageNet-S-layout foreground masks <class>/<image>.png: SRSS and masked LNC pooling
+    srss_min_fraction: float = 0.25  # SRSS keeps images with this share of foreground and of background cells (iREPA: 64/256)
+    uniformity: bool = False  # t-SNE uniformity (slow; on in the paper presets)
+    uniformity_points: int = 10000
+    uniformity_repeats: int = 10
+    equivariance_images: int = 1000  # val images of the equivariance error (0 = off)
+    ifid_neighbours: int = 10  # iFID: cosine neighbours among the train latents
+    ifid_alpha: float = 0.5  # iFID: slerp weight
+
+
+@dataclass
 class MetricsConfig:
     names: list[str] = field(default_factory=list)  # [] = every registered metric of each family
     inception_weights: str = ""  # torch-fidelity Inception file; default: $TORCH_HOME/hub/checkpoints
@@ -154,6 +172,7 @@ class MetricsConfig:
     ssim_range: str = "[-1, 1]"  # SSIM's image range: [-1, 1] with data range 2 (VFM-VAE) | [0, 1] with data range 1
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     cache_image_features: bool = True  # Inception/LPIPS outputs of candidate images cached by their pixels' hash
+    latent: LatentMetricsConfig = field(default_factory=LatentMetricsConfig)
 
 
 @dataclass

@@ -7,6 +7,9 @@
 * ``vfmbench eval reconstruction --tokenizer NAME --weights PATH``: reconstruction metrics of a
   tokenizer loaded from weights on a dataset's val split (the run's ``tokenizer``, ``recon-eval``
   and ``results`` stages, with the weights loaded instead of trained).
+* ``vfmbench eval latents --tokenizer NAME --weights PATH``: latent diffusability metrics (family
+  ``latent``) of a tokenizer loaded from weights, without training a diffusion model (the run's
+  ``tokenizer``, ``latents``, ``latent-eval`` and ``results`` stages).
 
 ``vfmbench eval alignment RUN_DIR`` lives in ``vfmbench.alignment_eval``.
 """
@@ -22,6 +25,9 @@ import torch
 
 from .data import to_rgb
 from .errors import UserError
+
+# The run stages of `vfmbench eval reconstruction|latents` (a run with the tokenizer's weights loaded).
+EVAL_STAGES = {"reconstruction": ["tokenizer", "recon-eval", "results"], "latents": ["tokenizer", "latents", "latent-eval", "results"]}
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 

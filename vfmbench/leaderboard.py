@@ -18,8 +18,9 @@ from tabulate import tabulate
 from .errors import UserError
 from .results import protocol_id, read_rows
 
-FAMILY_TITLES = {"reconstruction": "Reconstruction", "generation": "Generation", "representation": "Representation (linear probe on latents)"}
-FAMILY_ORDER = ["reconstruction", "representation", "generation"]
+FAMILY_TITLES = {"reconstruction": "Reconstruction", "generation": "Generation", "representation": "Representation (linear probe on latents)",
+                 "latent": "Latent diffusability (no diffusion model)"}
+FAMILY_ORDER = ["reconstruction", "representation", "latent", "generation"]
 COMPONENT_COLUMNS = [("tokenizer", "tokenizer_version"), ("vfm", "vfm_version"), ("decoder", "decoder_version"), ("diffusion", "diffusion_version")]
 
 
@@ -208,7 +209,7 @@ def _table(sub: pd.DataFrame, label: str, family: str, pid: str, link_base: Path
         rec["_diverged"] = rec["_diverged"] or r.get("diverged") is True
     present = [m for m in metrics]
     primary = present[0]
-    for pref in ("rfid", "gfid", "probe-top1"):
+    for pref in ("viv", "rfid", "gfid", "probe-top1"):
         if pref in present:
             primary = pref
     sign = -1.0 if hib[primary] else 1.0

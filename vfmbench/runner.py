@@ -95,6 +95,9 @@ def validate(host: Host, cfg: RunConfig) -> None:
     check_config(cfg.diffusion)
     for m in cfg.metrics.names:
         host.metrics.get(m)
+    from .latent_eval import validate as validate_latent
+
+    validate_latent(cfg)
     s = cfg.diffusion.sample
     if s.label_sampling not in ("random", "balanced"):
         raise UserError(f"diffusion.sample.label_sampling must be 'random' or 'balanced', got {s.label_sampling!r}")
@@ -176,7 +179,7 @@ class Run:
             self.ctx.vfm()  # resolves (and loads) the VFM weights, or fails with where it looked
         if any({"tokenizer"} & {*self.host.stages.get(s).needs, *self.host.stages.get(s).produces} for s in stages):
             self.ctx.tokenizer()  # the factory's errors (its arguments, the weights of its parts) before config.json
-        if stages & {"recon-eval", "gen-eval"}:
+        if stages & {"recon-eval", "gen-eval", "latent-eval"}:
             self.ctx.evaluator().check_weights()
         with torch.device("meta"):  # the tokenizer's own argument checks, on the meta device (nothing read or written)
             build_tokenizer(BuildContext(host=self.host, config=self.cfg, meta=True, preflight=True))

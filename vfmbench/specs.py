@@ -147,12 +147,13 @@ class ExtractorSpec(Spec):
 class MetricSpec(Spec):
     """A metric as pure stages: features -> ``stats`` -> ``value``.
 
-    ``family``: reconstruction | generation | representation.
+    ``family``: reconstruction | generation | representation | latent.
     ``inputs``: what the features are computed from --
       ``pairs``        per-image scores of (input, reconstruction) pairs; ``stats`` reduces them;
       ``distribution`` features of a candidate set compared with a reference set's statistics;
       ``single``       features of the candidate set alone (e.g. IS);
-      ``latents``      tokenizer latents of the train and val splits (e.g. the linear probe).
+      ``latents``      tokenizer latents (the linear probe: train and val splits; family ``latent``: val posterior means);
+      ``encoder``      per-image outputs of the tokenizer's encoder on transformed images (equivariance error).
     ``extractor``/``feature`` name the feature extractor and its output (``inception``/``pool``).
     ``stats(features) -> statistics`` and ``value(stats, reference_stats_or_None) -> float`` are
     pure: no model, device or global state. ``protocol_fields`` lists the protocol keys that make

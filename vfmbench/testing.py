@@ -25,8 +25,8 @@ import torch
 from .specs import NAME_RE, DecoderSpec, ExtractorSpec, MetricSpec, Spec, StageSpec, TokenizerSpec, VfmSpec
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz", ".onnx")
-FAMILIES = ("reconstruction", "generation", "representation")
-METRIC_INPUTS = ("pairs", "distribution", "single", "latents")
+FAMILIES = ("reconstruction", "generation", "representation", "latent")
+METRIC_INPUTS = ("pairs", "distribution", "single", "latents", "encoder")
 
 
 def _images(n: int, res: int, seed: int = 0) -> torch.Tensor:
@@ -218,6 +218,8 @@ def check_metric(spec: MetricSpec, host=None) -> None:
         r = np.random.default_rng(seed)
         if spec.inputs == "pairs":
             return r.uniform(0.1, 1.0, 16)
+        if spec.inputs == "encoder":  # per-image equivariance errors by transform group
+            return {"rotation": r.uniform(0.1, 1.0, 16), "scale": r.uniform(0.1, 1.0, 16)}
         if spec.feature == "logits":
             return r.normal(size=(32, 10))
         return r.normal(size=(32, 6))

@@ -34,7 +34,7 @@ BASE = {
         "sample": {"num_images": 50_000, "sampler": "euler", "steps": 250, "cfg_scale": 1.0, "batch_size": 256},
     },
     "metrics": {"recon_images": 50_000, "batch_size": 256, "reference": ADM_IMAGENET256,
-                "isc_split_order": "consecutive"},  # generation metrics as the ADM evaluator
+                "isc_split_order": "consecutive", "latent": {"uniformity": True}},  # generation metrics as the ADM evaluator
 }
 DIT_XL = {"width": 1152, "depth": 28, "heads": 16, "patch_size": 1, "time_sampling": "lognormal"}
 

@@ -56,7 +56,8 @@ BASE = deep_merge(TOKENIZER_PAPER, {
     "data": {"num_workers": 8},
     # gFID/sFID/IS/precision/recall as the ADM evaluator: its reference batch (the run stops before any work
     # without it) and IS over 10 consecutive chunks of the 50k samples
-    "metrics": {"recon_images": 50_000, "batch_size": 256, "reference": ADM_IMAGENET256, "isc_split_order": "consecutive"},
+    "metrics": {"recon_images": 50_000, "batch_size": 256, "reference": ADM_IMAGENET256, "isc_split_order": "consecutive",
+                "latent": {"uniformity": True}},
 })
 
 LIGHTNINGDIT_ARGS = {

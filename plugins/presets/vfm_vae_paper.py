@@ -43,7 +43,7 @@ STAGES = [
 ]
 
 PAPER = {
-    "run": {"stages": ["tokenizer", "recon-eval", "latents", "results"]},
+    "run": {"stages": ["tokenizer", "recon-eval", "latents", "latent-eval", "results"]},
     # VFM-VAE's training data (training/data_wds.py, imagenet_train_hr_indices): random crops of 0.5-1 of the
     # short side, Lanczos, flips, images with a short side >= 256; rFID as its reconstruction tool (resize + centre crop)
     "data": {"dataset": "imagefolder", "resolution": 256, "train_transform": "vfm-vae-random-crop",
@@ -54,7 +54,7 @@ PAPER = {
         "train": {"images": 44_000_000, "batch_size": 512, "lr": 1e-4, "ema_halflife_images": 160_000,
                   "ckpt_every_images": 1_000_000, "log_every_images": 10_000},
     },
-    "metrics": {"recon_images": 50_000},
+    "metrics": {"recon_images": 50_000, "latent": {"uniformity": True}},
     "component_args": {
         "vfm-vae": {
             "latent_channels": 32, "downsample": 16, "compress_width": 64, "decompress_width": 512, "mlp_ratio": 2.0,
