@@ -25,7 +25,7 @@ from .errors import UserError, did_you_mean
 STAGES = ("tokenizer", "recon-eval", "latents", "probe", "diffusion", "sample", "gen-eval", "results")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSection:
     seed: int = 0
     out: str = "runs"  # parent folder of run directories
@@ -48,7 +48,7 @@ class RunSection:
         check_compile(self.compile, self.compile_backend)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "shapes"
     root: str = ""  # dataset root (imagefolder: root/{train,val}/<class>/*)
@@ -62,7 +62,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # webdataset streaming: encoded samples in each worker's shuffle buffer (0 = shard order)
 
 
-@dataclass
+@dataclass(frozen=True)
 class VfmConfig:
     name: str = "siglip"
     weights: str = ""  # local file or folder; else the library's cache; else an error
@@ -74,7 +74,7 @@ class VfmConfig:
     cache_max_gib: float = 4.0  # 'auto' caches a split only when its tokens fit in this size
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     images: int = 0  # training length, counted in images
     batch_size: int = 64  # global batch = per-device batch x world size x grad_accum
@@ -86,7 +86,7 @@ class TrainConfig:
     log_every_images: int = 0  # 0 = every ~1% of training
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizerConfig:
     name: str = "vfm-vae"
     weights: str = ""  # load instead of training (tokenizer stage then only loads)
@@ -94,13 +94,13 @@ class TokenizerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecoderConfig:
     name: str = ""  # '' = the tokenizer's default decoder
     args: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleConfig:
     num_images: int = 50000
     sampler: str = "euler"  # euler | heun | euler-maruyama
@@ -113,7 +113,7 @@ class SampleConfig:
     precision: str = ""  # fp32 | bf16 autocast of the sampler's model calls; "" = run.precision
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     name: str = "flow-dit"
     args: dict[str, Any] = field(default_factory=dict)
@@ -121,7 +121,7 @@ class DiffusionConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeConfig:
     pooling: str = "mean"  # mean | flatten
     epochs: int = 100
@@ -130,7 +130,7 @@ class ProbeConfig:
     batch_size: int = 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetricsConfig:
     names: list[str] = field(default_factory=list)  # [] = every registered metric of each family
     inception_weights: str = ""  # torch-fidelity Inception file; default: $TORCH_HOME/hub/checkpoints
@@ -143,7 +143,7 @@ class MetricsConfig:
     cache_image_features: bool = True  # Inception/LPIPS outputs of candidate images cached by their pixels' hash
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataConfig = field(default_factory=DataConfig)
