@@ -4,7 +4,14 @@
 (both float NCHW in [-1, 1]) as
 
     rec = l1 * mean|x_hat - x| + lpips * mean LPIPS-VGG(x_hat, x)
-    kl  = kl * mean_b KL(q(z|x) || N(0, I))          (summed over C, H, W, as LDM)
+    kl  = kl * mean_b KL(q(z|x) || N(0, I)) / (3 H W)   (KL summed over the latent's C, h, w)
+
+This is LDM's ``LPIPSWithDiscriminator`` (CompVis/latent-diffusion ``ldm/modules/losses/contperceptual.py``,
+also VA-VAE's) divided by the number of image values 3 H W: LDM sums the per-pixel
+|x_hat - x| + LPIPS over C, H, W and the KL over the latent, both averaged over the batch, and adds
+``kl_weight`` (1e-6) * KL. Dividing by 3 H W keeps the reconstruction terms as means and the ratio
+KL : reconstruction exactly LDM's (without the division the KL would weigh 3 H W = 196,608 times
+more at 256 px). LDM's learnable ``logvar`` is not in its autoencoder optimiser and stays 0.
 
 and returns both parts separately, so a caller can balance another loss against ``rec`` alone
 (VA-VAE's adaptive VF weight). LPIPS is ``vfmbench.metrics.image.LpipsVgg`` (the v0.1 linear
@@ -80,6 +87,6 @@ class ReconLoss:
         kl = zero
         if posterior is not None:
             kl_raw = posterior.kl().mean()
-            kl = a.kl * kl_raw
+            kl = a.kl * kl_raw / target[0].numel()  # LDM's sum-over-pixels weighting, divided by 3 H W
             logs["kl"] = float(kl_raw.detach())
         return ReconTerms(rec=rec, kl=kl, logs=logs)

@@ -51,8 +51,9 @@ def test_forward_shapes_and_zero_init(shape, kw):
 def test_blocks_are_the_lightningdit_kind():
     m = tiny(width=48, heads=4)
     blk = m.blocks[0]
-    assert isinstance(blk.norm1, torch.nn.RMSNorm) and blk.norm1.weight is None
-    assert isinstance(blk.attn.q_norm, torch.nn.RMSNorm)
+    assert isinstance(blk.norm1, torch.nn.RMSNorm) and blk.norm1.weight.shape == (48,)  # learnable, as LightningDiT's RMSNorm
+    assert isinstance(m.final.norm, torch.nn.RMSNorm) and m.final.norm.weight.requires_grad
+    assert isinstance(blk.attn.q_norm, torch.nn.RMSNorm) and blk.attn.q_norm.eps == 1e-6
     assert blk.mlp.fc1.out_features == 2 * 128 and blk.mlp.fc2.in_features == 128  # SwiGLU hidden int(2/3 * 4 * 48)
     assert m.use_rope and m.rope_cos.shape == (64, 12) and m.pos.shape == (1, 64, 48)
 
@@ -86,9 +87,10 @@ def test_rope_depends_on_relative_position_only():
 
 
 def textbook_rope(x: torch.Tensor, gh: int, gw: int, theta: float = 10000.0) -> torch.Tensor:
-    """2-D RoPE as complex multiplication: per axis, the pair (a_f, b_f) is a_f + i b_f, multiplied by
-    exp(i pos theta^(-f / q)) with pos the row (first axis) or column (second axis); x [..., T, hd]
-    with T = gh * gw row-major tokens and the channel layout [axis, half, frequency] of ``rope_2d``."""
+    """2-D RoPE as complex multiplication in LightningDiT's layout (VisionRotaryEmbeddingFast): the first
+    hd/2 channels belong to the row, the last hd/2 to the column; in each, the adjacent pair
+    (x_2f, x_2f+1) is x_2f + i x_2f+1, multiplied by exp(i pos theta^(-f / q)); x [..., T, hd] with
+    T = gh * gw row-major tokens."""
     hd = x.shape[-1]
     q = hd // 4
     freqs = theta ** (-torch.arange(q, dtype=torch.float64) / q)
@@ -96,9 +98,9 @@ def textbook_rope(x: torch.Tensor, gh: int, gw: int, theta: float = 10000.0) -> 
     cols = torch.arange(gh * gw, dtype=torch.float64) % gw
     out = []
     for axis, pos in enumerate((rows, cols)):
-        pair = x[..., axis * 2 * q:(axis + 1) * 2 * q].double()
-        z = torch.complex(pair[..., :q], pair[..., q:]) * torch.polar(torch.ones((), dtype=torch.float64), pos[:, None] * freqs[None])
-        out += [z.real, z.imag]
+        half = x[..., axis * 2 * q:(axis + 1) * 2 * q].double()
+        z = torch.complex(half[..., 0::2], half[..., 1::2]) * torch.polar(torch.ones((), dtype=torch.float64), pos[:, None] * freqs[None])
+        out.append(torch.stack([z.real, z.imag], dim=-1).flatten(-2))
     return torch.cat(out, dim=-1).to(x.dtype)
 
 
@@ -247,10 +249,10 @@ def test_time_sampling_modes_and_schedule_switch():
     assert abs(t.mean() - 0.5) < 0.01 and abs(t.var() - 1 / 12) < 0.003
     s = 0.3
     t, _, _ = tiny(time_sampling="shifted", time_shift=s).draw_training_noise(z, y, 0, generator=g)
-    u = s * t / (1 - (1 - s) * t)  # the inverse of the shift: uniform again
+    u = t / (s + (1 - s) * t)  # the inverse of LightningDiT's shift s t / (1 + (s - 1) t): uniform again
     torch.testing.assert_close(shift_time(u, s), t)
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.003
-    assert t.mean() > 0.6  # s < 1 favours the data end (t = 1)
+    assert t.mean() < 0.4  # s < 1 favours the noise end (t = 0)
 
 
 def test_args_and_phases():
@@ -283,17 +285,21 @@ def test_registration():
 # Parameter counts of the XL configurations (built on the meta device, as --dry-run does)
 
 
-def dit_xl_params(width=1152, depth=28, heads=16, channels=32, patch=1, classes=1000, swiglu=True) -> int:
-    """DiT-style count: blocks (qkv, proj, QK-norm weights, feed-forward, adaLN) + embeddings + final layer."""
+def dit_xl_params(width=1152, depth=28, heads=16, channels=32, patch=1, classes=1000, lightningdit=True) -> int:
+    """DiT-style count: blocks (qkv, proj, QK-norm, feed-forward, adaLN) + embeddings + final layer.
+    LightningDiT: SwiGLU, RMSNorm QK-norm weights (2 hd) and learnable RMSNorm weights (norm1, norm2, norm_final);
+    SiT: GELU MLP, timm LayerNorm QK-norm (weight and bias: 4 hd), LayerNorms without parameters."""
     w, hd = width, width // heads
-    if swiglu:
+    if lightningdit:
         h = int(2 * 4 * w / 3)
         ffn = w * 2 * h + 2 * h + h * w + w
+        qk, norms, final_norm = 2 * hd, 2 * w, w
     else:
         ffn = w * 4 * w + 4 * w + 4 * w * w + w
-    block = (3 * w * w + 3 * w) + (w * w + w) + 2 * hd + ffn + (6 * w * w + 6 * w)
+        qk, norms, final_norm = 4 * hd, 0, 0
+    block = (3 * w * w + 3 * w) + (w * w + w) + qk + ffn + (6 * w * w + 6 * w) + norms
     embed = (channels * patch * patch * w + w) + (256 * w + w + w * w + w) + (classes + 1) * w
-    final = (2 * w * w + 2 * w) + (w * patch * patch * channels + patch * patch * channels)
+    final = (2 * w * w + 2 * w) + (w * patch * patch * channels + patch * patch * channels) + final_norm
     return depth * block + embed + final
 
 
@@ -308,13 +314,13 @@ def test_xl_parameter_counts_match_the_published_sizes():
     from vfmbench_plugins.diffusion.sit import factory as sit_factory
 
     n_light = meta_params(factory, LightningDiTArgs())
-    assert n_light == dit_xl_params() == 674_900_192  # LightningDiT-XL/1: "675M"
+    assert n_light == dit_xl_params() == 674_965_856  # LightningDiT-XL/1, the reference module's trainable count
     n_sit = meta_params(sit_factory, SiTArgs())
-    assert n_sit == dit_xl_params(swiglu=False) == 674_857_184  # SiT-XL/1: "675M"
+    assert n_sit == dit_xl_params(lightningdit=False) == 674_861_216  # SiT-XL/1 with qk_norm: "675M"
     n_reg = meta_params(sit_factory, SiTArgs(align="reg"))
     projector = (1152 * 2048 + 2048) + (2048 * 2048 + 2048) + (2048 * 768 + 768)
-    cls_io = (768 * 1152 + 1152) + (1152 * 768 + 768)
-    assert n_reg == n_sit + projector + cls_io == 684_759_904  # SiT-XL/1 + REG: "685M"
+    cls_io = (768 * 1152 + 1152) + 2 * 1152 + (1152 * 768 + 768)  # cls_projectors2, wg_norm (affine), linear_cls
+    assert n_reg == n_sit + projector + cls_io == 684_766_240  # SiT-XL/1 + REG, the reference module's count
     assert meta_params(sit_factory, SiTArgs(align="repa")) == n_sit + projector
 
 
@@ -328,7 +334,7 @@ def test_paper_presets_build_the_xl_models(host):
         with torch.device("meta"):
             m = build_diffusion(host, cfg, (32, 16, 16), 1000)
         counts[preset] = sum(p.numel() for p in m.parameters())
-    assert counts == {"lightningdit-xl1-paper": 674_900_192, "reg-sit-xl1-paper": 684_759_904}
+    assert counts == {"lightningdit-xl1-paper": 674_965_856, "reg-sit-xl1-paper": 684_766_240}
 
 
 # ---------------------------------------------------------------------------------------------

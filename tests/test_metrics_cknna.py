@@ -38,7 +38,7 @@ def _naive_cknna(a, b, topk):
                     [[M[i][j] * Y[i][j] for j in range(n)] for i in range(n)])
 
     mk, ml = knn(K), knn(L)
-    return sim(K, L, mk, ml) / np.sqrt(sim(K, K, mk, mk) * sim(L, L, ml, ml))
+    return sim(K, L, mk, ml) / (np.sqrt(sim(K, K, mk, mk) * sim(L, L, ml, ml)) + 1e-6)  # the reference's +1e-6
 
 
 def _pair(seed, n=48, da=12, db=6, noise=0.7):
@@ -58,7 +58,7 @@ def test_cknna_equals_naive_implementation(seed, topk):
 
 def test_cknna_self_symmetry_and_independence():
     a, b = _pair(2, n=256)
-    assert ck.cknna(a, a, 10) == pytest.approx(1.0, abs=1e-12)
+    assert ck.cknna(a, a, 10) == pytest.approx(1.0, abs=1e-6)  # 1 - 1e-6 / sim(K, K): the reference's epsilon
     # the row-wise kNN mask is not symmetric, so 1'K~L~1 != 1'L~K~1: about 1-2 % here (n=256, k=10)
     ab, ba = ck.cknna(a, b, 10), ck.cknna(b, a, 10)
     assert ab == pytest.approx(ba, rel=3e-2)
@@ -70,8 +70,10 @@ def test_cknna_invariances():
     a, b = _pair(3)
     base = ck.cknna(a, b, 5)
     q, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
-    assert ck.cknna(3.7 * a, b, 5) == pytest.approx(base, rel=1e-10)
-    assert ck.cknna(a, 0.01 * b, 5) == pytest.approx(base, rel=1e-10)
+    # scale invariance holds up to the reference's +1e-6 in the denominator
+    assert ck.cknna(3.7 * a, b, 5) == pytest.approx(base, rel=1e-6)
+    assert ck.cknna(a, 10.0 * b, 5) == pytest.approx(base, rel=1e-6)
+    assert ck.cknna(a, 0.01 * b, 5) < base - 1e-4  # tiny kernels: the fixed 1e-6 weighs more, as in the reference
     assert ck.cknna(a @ q, b, 5) == pytest.approx(base, rel=1e-10)
 
 
@@ -89,7 +91,7 @@ def test_cknna_row_blocks_and_degenerate(monkeypatch):
 
 def test_preprocess_clamps_at_exact_percentile_and_normalises():
     x = torch.randn(50, 9, generator=torch.Generator().manual_seed(6), dtype=torch.float64) ** 3
-    q = np.percentile(np.abs(x.numpy()), 95)
+    q = np.sort(np.abs(x.numpy()).ravel())[int(0.95 * 450)]  # remove_outliers(exact=True): no interpolation
     clipped = np.clip(x.numpy(), -q, q)
     expected = clipped / np.linalg.norm(clipped, axis=1, keepdims=True)
     out = ck.preprocess(x)

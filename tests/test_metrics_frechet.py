@@ -113,22 +113,22 @@ def test_low_rank_route_is_exact_for_fewer_vectors_than_dimensions():
     y = rng.normal(size=(300, d)) @ rng.normal(size=(d, d)) / 8 + 0.2
     (mx, sx), (my, sy) = gaussian_stats(x), gaussian_stats(y)
     fx = frechet.low_rank_factor(x)
-    assert fx.shape == (40, d) and frechet.low_rank_factor(y) is None
+    assert fx.shape == (39, d) and frechet.low_rank_factor(y) is None  # rank N - 1 (centred)
     np.testing.assert_allclose(fx.T @ fx, sx, rtol=1e-10, atol=1e-12)
     full = frechet_distance(mx, sx, my, sy)
     low = frechet_distance(mx, sx, my, sy, factor1=fx)
     swapped = frechet_distance(my, sy, mx, sx, factor2=fx)
-    assert "low-rank (40 x 40" in low.note and full.note == ""
+    assert "low-rank (39 x 39" in low.note and full.note == ""
     # the D x D route takes square roots of rounding-level eigenvalues of the singular covariance
     # (errors ~ sqrt(machine eps) relative); the N x N route has none
     assert abs(low.value - full.value) <= 1e-7 * full.value and abs(swapped.value - low.value) <= 1e-12 * full.value
     tf = fid_statistics_to_metric({"mu": mx, "sigma": sx}, {"mu": my, "sigma": sy}, verbose=False)["frechet_inception_distance"]
     assert abs(low.value - tf) <= 1e-6 * full.value
-    # both sides low rank: the smaller factor is used
+    # both sides low rank: the nuclear norm of F1 F2^T
     fy = frechet.low_rank_factor(y[:50])
     my2, sy2 = gaussian_stats(y[:50])
     both = frechet_distance(mx, sx, my2, sy2, factor1=fx, factor2=fy)
-    assert "40 x 40" in both.note
+    assert "39 x 49 singular values" in both.note
     assert abs(both.value - frechet_distance(mx, sx, my2, sy2).value) <= 1e-7 * both.value
     with pytest.raises(ValueError, match="factor1"):
         frechet_distance(mx, sx, my, sy, factor1=fx[:, :5])
@@ -151,3 +151,78 @@ def test_invalid_statistics_raise():
         frechet_distance(mu, s, np.zeros(4), np.eye(4))
     with pytest.raises(ValueError):
         frechet_distance(mu, s * np.nan, mu, s)
+
+
+def _scaled_pair(n, d, scale, seed=11):
+    """x and y = scale * x: FD = ||(1 - scale) mu||^2 + (1 - scale)^2 tr(S) in closed form."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 2.0, size=d) + 0.3
+    mu, s = gaussian_stats(x)
+    return x, scale * x, float(((1 - scale) * mu) @ ((1 - scale) * mu) + (1 - scale) ** 2 * np.trace(s))
+
+
+def _accumulate(x, batch):
+    acc = StatsAccumulator()
+    for i in range(0, len(x), batch):
+        acc.update(x[i : i + batch])
+    return acc
+
+
+def test_accumulator_inputs_take_the_low_rank_route():
+    """N <= D from a StatsAccumulator: the N x N route (the accumulator keeps its vectors while N <= D).
+    Near-identical small sets: the closed form to 1e-9 relative; the D x D route misses by ~1e-3."""
+    from vfmbench_plugins.metrics.standard import frechet_value, gaussian_stage
+
+    x, y, exact = _scaled_pair(60, 512, 1.01)
+    ax, ay = _accumulate(x, 7), _accumulate(y, 25)
+    sx, sy = gaussian_stage(ax), gaussian_stage(ay)
+    assert sx["factor"].shape == (59, 512) and sy["factor"].shape == (59, 512)
+    assert frechet_value(sx, sy) == pytest.approx(exact, rel=1e-9)
+    res = frechet_distance(sx["mu"], sx["sigma"], sy["mu"], sy["sigma"], sx["factor"], sy["factor"])
+    assert "low-rank" in res.note
+    square = frechet_distance(sx["mu"], sx["sigma"], sy["mu"], sy["sigma"])  # the D x D route, for contrast
+    assert abs(square.value - exact) > 1e-5 * exact
+    # the same as from the raw features
+    assert frechet_value(gaussian_stage(x), gaussian_stage(y)) == pytest.approx(exact, rel=1e-9)
+    # one low-rank side against a full-rank one: against scipy's sqrtm on well-conditioned sigma2
+    rng = np.random.default_rng(12)
+    z = rng.normal(size=(2000, 512)) * 1.1 + 0.3
+    sz = gaussian_stage(_accumulate(z, 300))
+    assert "factor" not in sz
+    one = frechet_value(sx, sz)
+    # scipy's sqrtm of the singular S1 S2 loses ~3e-8 relative here; an independent square-root-free
+    # route (singular values of F L, L the Cholesky factor of S2) agrees to rounding
+    assert one == pytest.approx(_independent_fd(sx["mu"], sx["sigma"], sz["mu"], sz["sigma"]), rel=1e-7)
+    d = sx["mu"] - sz["mu"]
+    chol = np.linalg.svd(frechet.low_rank_factor(x) @ np.linalg.cholesky(sz["sigma"]), compute_uv=False).sum()
+    assert one == pytest.approx(float(d @ d + np.trace(sx["sigma"]) + np.trace(sz["sigma"]) - 2 * chol), rel=1e-11)
+
+
+def test_shifted_copy_closed_form_through_accumulators():
+    """y = x + c: equal covariances, FD = ||c||^2 exactly, through both low-rank factors."""
+    from vfmbench_plugins.metrics.standard import frechet_value, gaussian_stage
+
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(30, 256))
+    c = 1e-3 * rng.normal(size=256)
+    value = frechet_value(gaussian_stage(_accumulate(x, 8)), gaussian_stage(_accumulate(x + c, 30)))
+    assert value == pytest.approx(float(c @ c), rel=1e-7)
+
+
+def test_accumulator_keeps_vectors_only_while_they_fit():
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(20, 16)) + 4.0
+    acc = _accumulate(x[:10], 3)
+    np.testing.assert_allclose(acc.low_rank_factor().T @ acc.low_rank_factor(), np.cov(x[:10], rowvar=False), atol=1e-12)
+    # merged from per-rank states (DDP) in any order: the same factor product
+    parts = [StatsAccumulator.from_state(_accumulate(x[a:b], 4).state()) for a, b in ((0, 5), (5, 12), (12, 16))]
+    merged = StatsAccumulator().merge(parts[1]).merge(parts[0]).merge(parts[2])
+    f = merged.low_rank_factor()
+    np.testing.assert_allclose(f.T @ f, np.cov(x[:16], rowvar=False), atol=1e-12)
+    merged.update(x[16:17])  # 17 vectors > 16 dimensions: the vectors are dropped, the sums stay
+    assert merged.rows is None and merged.low_rank_factor() is None and merged.n == 17
+    np.testing.assert_allclose(merged.finalize()[1], np.cov(x[:17], rowvar=False), atol=1e-12)
+    assert StatsAccumulator().merge(merged).rows is None
+    old = merged.state()
+    old.pop("rows")  # a state saved before the vectors were kept
+    assert StatsAccumulator.from_state(old).low_rank_factor() is None

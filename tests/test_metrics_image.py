@@ -29,12 +29,12 @@ def test_psnr_closed_form_and_data_range():
     assert np.isinf(image.psnr_per_image(a, a)).all()
 
 
-def _scipy_ssim(x, y):
+def _scipy_ssim(x, y, data_range=1.0):
     """SSIM with a Gaussian window (sigma 1.5, radius 5), mirrored borders, mean over channels and pixels."""
     def blur(z):
         return scipy.ndimage.gaussian_filter(z, sigma=1.5, truncate=3.5, mode="mirror")
 
-    c1, c2 = 0.01**2, 0.03**2
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     out = []
     for xi, yi in zip(x, y):
         vals = []
@@ -50,9 +50,17 @@ def _scipy_ssim(x, y):
 
 def test_ssim_matches_scipy_reference():
     a, b = _pair(1)
-    got = image.ssim_per_image(a, b)
-    np.testing.assert_allclose(got, _scipy_ssim(a.double().numpy() / 255, b.double().numpy() / 255), rtol=1e-9)
-    assert (got < 1).all() and np.allclose(image.ssim_per_image(a, a), 1.0)
+    x, y = a.double().numpy() / 255, b.double().numpy() / 255
+    got = image.ssim_per_image(a, b, "[0, 1]")
+    np.testing.assert_allclose(got, _scipy_ssim(x, y), rtol=1e-9)
+    assert (got < 1).all() and np.allclose(image.ssim_per_image(a, a, "[0, 1]"), 1.0)
+    # VFM-VAE's protocol (the default): (x - 0.5) / 0.5 with data range 2; SSIM's luminance term is
+    # not shift invariant, so this is another number
+    vfm = image.ssim_per_image(a, b)
+    np.testing.assert_allclose(vfm, _scipy_ssim(2 * x - 1, 2 * y - 1, data_range=2.0), rtol=1e-9)
+    assert np.abs(vfm - got).max() > 1e-3 and np.allclose(image.ssim_per_image(a, a), 1.0)
+    with pytest.raises(ValueError, match="value range"):
+        image.ssim_per_image(a, b, "[0, 255]")
 
 
 @pytest.fixture(scope="module")

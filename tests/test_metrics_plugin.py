@@ -42,10 +42,14 @@ def test_distribution_stages(metrics):
     value = fid.value(fid.stats(acc), ref_stats)
     assert value == pytest.approx(frechet_distance(cand.mean(0), np.cov(cand, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False)).value, rel=1e-10)
     kid = metrics["kid"]
-    assert kid.value(kid.stats(cand), kid.stats(ref)) == pytest.approx(kernel_inception_distance(ref, cand, 100, 50)[0], rel=1e-12)
+    k = kid.value(kid.stats(cand), kid.stats(ref))
+    assert k["value"] == pytest.approx(kernel_inception_distance(ref, cand, 100, 50)[0], rel=1e-12)
+    assert (k["subsets"], k["subset_size"]) == (100, 50)  # min(1000, N_ref=60, N=50)
     p, r = precision_recall(ref, cand)
     pspec, rspec = metrics["precision"], metrics["recall"]
-    assert pspec.value(pspec.stats(cand), pspec.stats(ref)) == p and rspec.value(rspec.stats(cand), rspec.stats(ref)) == r
+    pv, rv = pspec.value(pspec.stats(cand), pspec.stats(ref)), rspec.value(rspec.stats(cand), rspec.stats(ref))
+    assert pv["value"] == p and rv["value"] == r
+    assert pv["k"] == rv["k"] == 3 and pv["reference_images"] == rv["reference_images"] == 60
     with pytest.raises(ValueError):
         fid.value(fid.stats(cand), None)
 
@@ -55,7 +59,7 @@ def test_frechet_stats_carry_a_low_rank_factor_only_when_it_helps(metrics):
 
     rng = np.random.default_rng(2)
     few, many = metrics["gfid"].stats(rng.normal(size=(6, 8))), metrics["gfid"].stats(rng.normal(size=(30, 8)) + 1)
-    assert few["factor"].shape == (6, 8) and "factor" not in many
+    assert few["factor"].shape == (5, 8) and "factor" not in many  # rank N - 1
     value = metrics["gfid"].value(few, many)
     assert isinstance(value, float)
     assert value == pytest.approx(frechet_distance(few["mu"], few["sigma"], many["mu"], many["sigma"]).value, rel=1e-7)
@@ -64,7 +68,9 @@ def test_frechet_stats_carry_a_low_rank_factor_only_when_it_helps(metrics):
 def test_single_pair_and_probe_stages(metrics):
     logits = np.random.default_rng(1).normal(size=(40, 10))
     st = metrics["is"].stats(logits)
-    assert metrics["is"].value(st, None) == pytest.approx(float(st["mean"])) and st["mean"] > 1.0
+    v = metrics["is"].value(st, None)
+    assert v["value"] == pytest.approx(float(st["mean"])) and st["mean"] > 1.0 and v["splits"] == 10
+    assert "RandomState(2020)" in v["split_order"]
     scores = np.array([20.0, 30.0, 40.0])
     assert metrics["psnr"].value(metrics["psnr"].stats(scores), None) == 30.0
     g = torch.Generator().manual_seed(0)

@@ -216,8 +216,9 @@ def test_guidance_interval_uses_shifted_times():
     sample(model, torch.zeros(1, 1, 1, 1), torch.tensor([0]), steps=10, cfg_scale=2.0, cfg_interval=(0.5, 1.0), timestep_shift=0.3)
     for n, t, _ in model.calls:
         assert n == (2 if t >= 0.5 else 1)
-    # with shift 0.3 the shifted time passes 0.5 already at the 4th step (0.3 / (0.3 + 0.7 * 0.3) = 0.59)
-    assert [n for n, _, _ in model.calls].count(2) == 7
+    # with shift 0.3 (steps packed near the noise) the shifted time reaches 0.5 only at the 9th step
+    # (0.3 * 0.8 / (1 - 0.7 * 0.8) = 0.545; 0.7 -> 0.412)
+    assert [n for n, _, _ in model.calls].count(2) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,13 +229,13 @@ def test_timestep_shift_endpoints_and_sd3_equivalence():
     t = torch.linspace(0, 1, 101, dtype=torch.float64)
     for s in (0.3, 1.0, 3.0):
         ts = shift_time(t, s)
-        assert ts[0] == 0 and ts[-1] == 1
+        assert ts[0] == 0 and float(ts[-1]) == pytest.approx(1, abs=1e-15)  # the formula as LightningDiT writes it: 1 ulp off in float64
         assert torch.all(ts[1:] > ts[:-1])
-        sigma = 1 - t  # SD3 form on the noise level
-        torch.testing.assert_close(1 - ts, s * sigma / (1 + (s - 1) * sigma))
+        sigma = 1 - t  # on the noise level it is SD3's shift with 1 / s
+        torch.testing.assert_close(1 - ts, sigma / (s + (1 - s) * sigma))
     torch.testing.assert_close(shift_time(t, 1.0), t)
-    assert shift_time(0.5, 0.3) == pytest.approx(0.5 / 0.65)  # LightningDiT: more steps near data
-    assert shift_time(0.5, 3.0) < 0.5  # SD3-style shift > 1: more steps near noise
+    assert shift_time(0.5, 0.3) == pytest.approx(0.15 / 0.65)  # LightningDiT (t = 0 noise): more steps near the noise
+    assert shift_time(0.5, 3.0) > 0.5
 
 
 def test_time_grid_shapes():
@@ -273,3 +274,34 @@ def test_bad_options_are_user_errors(kwargs, match):
         sample(ConstantModel(), torch.zeros(1, 1, 1, 1), torch.tensor([0]), **kwargs)
     with pytest.raises(UserError, match="balanced"):
         sample_labels(4, 2, "balance")
+
+
+class ConditionalOne(torch.nn.Module):
+    """v = 1 for a class label, 0 for the null label (1): guidance with scale s gives s on every guided
+    element and 1 (the conditional velocity) elsewhere; with ``joint_dim`` also a class-token vector."""
+
+    num_classes = 1
+
+    def __init__(self, joint_dim: int = 0):
+        super().__init__()
+        self.joint_dim = joint_dim
+
+    def forward(self, x, t, labels, joint=None):
+        v = (labels != self.num_classes).to(x.dtype).view(-1, *([1] * (x.ndim - 1))).expand_as(x)
+        return (v, v[:, :1, 0, 0].expand(-1, self.joint_dim)) if self.joint_dim else v
+
+
+def test_guided_channels_and_joint_scale():
+    x0 = torch.zeros(2, 5, 2, 2, dtype=torch.float64)
+    y = torch.zeros(2, dtype=torch.long)
+    out = sample(ConditionalOne(), x0, y, steps=1, cfg_scale=4.0, guided_channels=3)
+    assert torch.equal(out[:, :3], torch.full_like(out[:, :3], 4.0)) and torch.equal(out[:, 3:], torch.ones_like(out[:, 3:]))
+    assert torch.equal(sample(ConditionalOne(), x0, y, steps=1, cfg_scale=4.0), torch.full_like(x0, 4.0))  # 0 = all channels
+    for js, want in ((None, 4.0), (2.0, 2.0), (0.0, 1.0)):  # REG: cls_cfg_scale <= 0 takes the conditional drift
+        lat, cls = sample(ConditionalOne(joint_dim=3), x0, y, steps=1, cfg_scale=4.0, joint_cfg_scale=js,
+                          joint_noise=torch.zeros(2, 3, dtype=torch.float64), return_joint=True)
+        assert torch.equal(cls, torch.full_like(cls, want)) and torch.equal(lat, torch.full_like(lat, 4.0))
+    with pytest.raises(UserError, match="guided_channels"):
+        sample(ConditionalOne(), x0, y, steps=1, cfg_scale=4.0, guided_channels=6)
+    with pytest.raises(UserError, match="guided_channels"):
+        sample(ConditionalOne(), x0, y, steps=1, cfg_scale=4.0, guided_channels=-1)

@@ -100,6 +100,27 @@ def test_reg_loss_equals_hand_computation():
     assert m.alignment_request() == {"vfm": "dinov2-b14", "layer": -1, "prefix": True, "weights": "", "dim": D, "grid": [4, 4], "features": "cache"}
 
 
+def test_reg_model_is_the_reference_kind():
+    """REG's layers (the golden test checks the numbers): class token Linear then affine LayerNorm, timm's
+    LayerNorm QK-norm with bias, the time embedding fed the noise level 1 - t, velocities noise - data inside."""
+    m = model("reg")
+    assert isinstance(m.cls_norm, torch.nn.LayerNorm) and m.cls_norm.weight is not None and m.cls_norm.eps == 1e-6
+    qn = m.blocks[0].attn.q_norm
+    assert isinstance(qn, torch.nn.LayerNorm) and qn.bias is not None and qn.eps == 1e-5
+    assert m.blocks[0].norm1.weight is None  # SiT's block norms have no affine parameters
+    seen = {}
+    hook = m.t_embed.register_forward_pre_hook(lambda mod, args: seen.__setitem__("t", args[0]))
+    x, y, _, cls = batch(2)
+    t = torch.tensor([0.25, 0.9])
+    v, v_cls = m(x, t, y[:2], joint=cls[:2])
+    hook.remove()
+    torch.testing.assert_close(seen["t"], 1 - t)
+    ref_v, ref_cls, _ = m.reference(x, 1 - t, y[:2], cls[:2])
+    torch.testing.assert_close(v, -ref_v)
+    torch.testing.assert_close(v_cls, -ref_cls)
+    assert m.train_hflip and not model("reg", hflip=False).train_hflip
+
+
 def test_untrained_reg_model_predicts_zero_velocities():
     torch.manual_seed(0)
     m = factory(SiTArgs(size="tiny", width=32, depth=2, heads=2, align="reg", align_dim=D, align_depth=1), (4, 4, 4), 10)

@@ -219,11 +219,11 @@ def cmd_eval(args) -> int:
             print(args.out)
         return 0
     if args.what == "alignment":
-        from .evalcmd import evaluate_alignment
+        from .alignment_eval import evaluate_alignment
 
         if not args.samples:
             raise UserError("eval alignment needs RUN_DIR (a run directory with a trained tokenizer)")
-        rows, png = evaluate_alignment(host, Path(args.samples), args.images, args.topk, args.reference_vfm or "")
+        rows, png = evaluate_alignment(host, Path(args.samples), args.images, args.topk, args.reference_vfm or "", args.seed)
         from tabulate import tabulate
 
         print(tabulate([[r["layer"], f"{r['cknna']:.4f}", "" if r["se_cknna"] is None else f"{r['se_cknna']:.4f}"] for r in rows],
@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="metrics without training: generated samples vs a reference, or a tokenizer from weights")
     sp.add_argument("what", choices=("generation", "reconstruction", "alignment"))
     sp.add_argument("samples", nargs="?", help="generation: a folder of images or an ADM .npz of samples; alignment: a run directory")
-    sp.add_argument("--images", type=int, default=512, help="alignment: val images used")
+    sp.add_argument("--images", type=int, default=10_000, help="alignment: val images, a seeded random sample (VFM-VAE: 10k)")
+    sp.add_argument("--seed", type=int, default=42, help="alignment: seed of the image sample and the transforms")
     sp.add_argument("--topk", type=int, default=10, help="alignment: CKNNA neighbours")
     sp.add_argument("--reference-vfm", help="alignment: the reference VFM (default: the run's VFM)")
     sp.add_argument("--reference", help="generation: an ADM reference batch .npz or a folder of images")

@@ -84,6 +84,7 @@ class TrainConfig:
     ckpt_every_images: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2  # the newest training checkpoints kept (resume falls back to an older one if the newest is unreadable)
     log_every_images: int = 0  # 0 = every ~1% of training
+    precision: str = ""  # this stage's training precision (fp32 | bf16 autocast); "" = run.precision
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class SampleConfig:
     steps: int = 250
     cfg_scale: float = 1.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    timestep_shift: float = 1.0
+    timestep_shift: float = 1.0  # LightningDiT's s: t' = s t / (1 + (s - 1) t), t = 0 noise (s < 1: more steps near noise)
+    guided_channels: int = 0  # CFG on the first n latent channels only (LightningDiT: 3); 0 = all
+    joint_cfg_scale: float | None = None  # REG's cls_cfg_scale for the class token; None = cfg_scale, <= 0 = unguided
     label_sampling: str = "random"  # random | balanced
     batch_size: int = 64
     precision: str = ""  # fp32 | bf16 autocast of the sampler's model calls; "" = run.precision
@@ -117,6 +120,9 @@ class SampleConfig:
 class DiffusionConfig:
     name: str = "flow-dit"
     args: dict[str, Any] = field(default_factory=dict)
+    weights: str = ""  # trained or released weights (vfmbench.diffusion_weights): the diffusion stage is skipped
+    latent_stats: str = ""  # released model's latents_stats.pt ({mean, std}) for de-normalising samples; '' = the tokenizer's
+    latent_multiplier: float = 1.0  # LightningDiT's latent_multiplier: latent = sample * std / multiplier + mean
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -139,6 +145,8 @@ class MetricsConfig:
     batch_size: int = 64
     recon_images: int = 50000  # val images reconstructed for rFID / PSNR
     isc_splits: int = 10
+    isc_split_order: str = "shuffled"  # shuffled (torch-fidelity, RandomState(2020)) | consecutive (ADM evaluator)
+    ssim_range: str = "[-1, 1]"  # SSIM's image range: [-1, 1] with data range 2 (VFM-VAE) | [0, 1] with data range 1
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     cache_image_features: bool = True  # Inception/LPIPS outputs of candidate images cached by their pixels' hash
 

@@ -44,7 +44,8 @@ def eval_points(total: int, every: int) -> list[int]:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, *, num_images: int, num_classes: int, latent_shape: tuple[int, ...],
              sampler: str, steps: int, cfg_scale: float, cfg_interval, timestep_shift: float, label_sampling: str,
-             precision: str, batch_size: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+             precision: str, batch_size: int, seed: int, device: torch.device, guided_channels: int = 0,
+             joint_cfg_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded uint8 samples [n, 3, H, W] on the CPU and their labels, drawn from ``seed``."""
     from .sampling import sample, sample_labels
 
@@ -56,7 +57,8 @@ def generate(model: nn.Module, tokenizer, *, num_images: int, num_classes: int, 
         y = labels[start : start + batch_size]
         noise = torch.randn((y.shape[0], *latent_shape), generator=gen, device=device)
         z = sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, cfg_interval=tuple(cfg_interval),
-                   timestep_shift=timestep_shift, generator=gen, precision=precision)
+                   timestep_shift=timestep_shift, guided_channels=guided_channels, joint_cfg_scale=joint_cfg_scale,
+                   generator=gen, precision=precision)
         out.append(tokenizer.decode_uint8(tokenizer.denormalize(z)).cpu())
     return torch.cat(out), labels.cpu()
 
@@ -140,7 +142,7 @@ class ConvergenceCurve:
             latent_shape=tok.latent_shape(run.cfg.data.resolution), sampler=sc.sampler, steps=self.steps,
             cfg_scale=self.cfg_scale, cfg_interval=sc.cfg_interval, timestep_shift=sc.timestep_shift,
             label_sampling=sc.label_sampling, precision=run.cfg.sample_precision, batch_size=sc.batch_size,
-            seed=run.cfg.run.seed + SEED_OFFSET, device=run.device,
+            seed=run.cfg.run.seed + SEED_OFFSET, device=run.device, guided_channels=sc.guided_channels, joint_cfg_scale=sc.joint_cfg_scale,
         )
         grid = f"convergence/samples-{nimg:012d}.png"
         save_grid(images[torch.argsort(labels, stable=True)[:64]], self.out_dir / grid)
@@ -153,9 +155,10 @@ class ConvergenceCurve:
         else:
             n_val = len(run.dataset("val"))
             reference = ev.dataset_reference(run.val_reference_key(n_val), run.val_reference_batches(n_val))
+        from .sampling import sampler_protocol
+
         extra = {
-            "sampler": sc.sampler, "steps": self.steps, "guidance": "cfg" if self.cfg_scale != 1.0 else "none",
-            "cfg_scale": self.cfg_scale, "cfg_interval": list(sc.cfg_interval), "timestep_shift": sc.timestep_shift,
+            **sampler_protocol(dataclasses.replace(sc, steps=self.steps, cfg_scale=self.cfg_scale)),
             "label_sampling": sc.label_sampling, "sample_precision": run.cfg.sample_precision, "diffusion_images": int(nimg),
             "diffusion_epochs": round(nimg / len(run.dataset("train")), 4), "weights": "ema", "evaluation": "convergence",
         }

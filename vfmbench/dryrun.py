@@ -15,6 +15,7 @@ from .plugins import Host
 def dry_run(host: Host, cfg: "RunConfig | ResolvedRun") -> dict[str, Any]:
     from .planner import make_plan
     from .resolution import ResolvedRun, resolve_run
+    from .sampling import sampler_protocol
 
     resolved = cfg if isinstance(cfg, ResolvedRun) else resolve_run(host, cfg)
     cfg = resolved.cfg
@@ -42,6 +43,7 @@ def dry_run(host: Host, cfg: "RunConfig | ResolvedRun") -> dict[str, Any]:
         "run_name": resolved.run_name,
         "latent_shape": list(latent_shape),
         "components": components,
+        "sampler_protocol": sampler_protocol(cfg.diffusion.sample),
         "plan": plan.to_dict(),
         "config": cfg.to_dict(),
     }

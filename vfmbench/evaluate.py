@@ -325,7 +325,8 @@ class Evaluator:
         import inspect
 
         params = inspect.signature(spec.stats).parameters
-        return {"splits": self.cfg.metrics.isc_splits} if "splits" in params else {}
+        settings = {"splits": self.cfg.metrics.isc_splits, "split_order": self.cfg.metrics.isc_split_order}
+        return {k: v for k, v in settings.items() if k in params}
 
     @staticmethod
     def _row(spec: MetricSpec, value: Any, protocol: dict[str, Any], smoke: bool) -> dict[str, Any]:

@@ -126,8 +126,11 @@ def validate(host: Host, cfg: RunConfig) -> None:
     diff = host.diffusion.get(cfg.diffusion.name)
     validate_args(diff.config, component_args(cfg, diff.name, cfg.diffusion.args), "diffusion.args")
     host.datasets.get(cfg.data.dataset)
-    if cfg.metrics.reference and not Path(cfg.metrics.reference).is_file():
-        raise UserError(f"metrics.reference={cfg.metrics.reference!r} does not exist; pass an ADM reference batch .npz (or '' for the val split)")
+    from .diffusion_weights import check_config
+    from .metrics.preflight import check_metrics
+
+    check_metrics(cfg)  # the ADM reference batch and the IS protocol, before any work (also --dry-run)
+    check_config(cfg.diffusion)
     for m in cfg.metrics.names:
         host.metrics.get(m)
     s = cfg.diffusion.sample
@@ -138,6 +141,8 @@ def validate(host: Host, cfg: RunConfig) -> None:
     for section, tc in (("tokenizer", cfg.tokenizer.train), ("diffusion", cfg.diffusion.train)):
         if tc.keep_checkpoints < 1:
             raise UserError(f"{section}.train.keep_checkpoints must be at least 1 (the newest checkpoint), got {tc.keep_checkpoints}")
+        if tc.precision not in ("", "fp32", "bf16"):
+            raise UserError(f"{section}.train.precision must be fp32, bf16 or '' (run.precision), got {tc.precision!r}")
     if cfg.vfm.cache_features not in ("auto", "always", "never"):
         raise UserError(f"vfm.cache_features must be auto, always or never, got {cfg.vfm.cache_features!r}")
     if cfg.run.precision not in ("fp32", "bf16"):

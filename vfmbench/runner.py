@@ -28,6 +28,7 @@ from .planner import Plan, check_plan, execute, make_plan
 from .plugins import Host
 from .resolution import NON_RESULT_KEYS, ResolvedRun, resolve_run, resolve_stages, run_name, tok_downsample, validate  # noqa: F401 - the runner's names
 
+
 @dataclass
 class Run:
     """One combination's run directory, its context and its plan. Attributes of the context
@@ -124,7 +125,7 @@ class Run:
 
         out = {}
         for stage, tc in (("tokenizer", self.cfg.tokenizer.train), ("diffusion", self.cfg.diffusion.train)):
-            if stage not in self.cfg.run.stages or tc.images <= 0 or (stage == "tokenizer" and self.cfg.tokenizer.weights):
+            if stage not in self.cfg.run.stages or tc.images <= 0 or (self.cfg.tokenizer.weights if stage == "tokenizer" else self.cfg.diffusion.weights):
                 continue
             per = dist.per_device_batch(tc.batch_size, tc.grad_accum, f"{stage}.train")
             out[stage] = f"global batch {tc.batch_size} = {per} per device x {dist.world()} ranks x {tc.grad_accum} accumulation steps"

@@ -1,29 +1,36 @@
 """Pieces shared by the ``lightningdit`` and ``sit`` diffusion plugins (a module, not a plugin).
 
 ``FlowTransformer`` is a DiT skeleton on the latent grid: strided-conv patchify (patch 1 or 2),
-optional fixed 2-D sin-cos position embedding, timestep and class embeddings summed into the
+optional fixed 2-D sin-cos position embedding (DiT's order: column half first), sinusoidal timestep
+embedding of t as it is (no x1000), timestep and class embeddings summed into the
 conditioning vector ``c`` (the null label is ``num_classes``), ``depth`` adaLN-Zero blocks and a
 final adaLN layer, unpatchified back to [B, C, H, W]. The blocks are configurable:
 
-* norm: ``LayerNorm`` (DiT/SiT) or ``RMSNorm`` (LightningDiT), both without affine parameters
-  since adaLN supplies the scale and shift;
+* norm: ``LayerNorm`` without affine parameters (DiT/SiT) or ``RMSNorm`` with a learnable weight
+  (LightningDiT's, also in the final layer);
 * feed-forward: GELU(tanh) MLP of width ``mlp_ratio * width`` or SwiGLU with hidden width
   ``int(2/3 * mlp_ratio * width)`` (the same parameter count: 3072 at width 1152);
-* attention: ``F.scaled_dot_product_attention`` with optional RMS QK-norm over the head dimension
-  and optional 2-D rotary embedding (half of each head's channels rotate with the row index,
-  half with the column index; extra prefix tokens such as REG's class token are not rotated).
+* attention: ``F.scaled_dot_product_attention`` with optional QK-norm over the head dimension
+  (RMSNorm with weight for LightningDiT, timm's LayerNorm with weight and bias for SiT) and
+  optional 2-D rotary embedding (LightningDiT's layout: the first half of each head's channels
+  rotates with the row index, the second half with the column index, in adjacent pairs; extra
+  prefix tokens such as REG's class token are not rotated).
+
+``released_state_dict`` converts a reference implementation's state dict (LightningDiT, SiT, REPA,
+REG key names) to this layout for ``diffusion.weights`` (``vfmbench.diffusion_weights``).
 
 Zero-initialised modulation and output layers make the untrained model predict v = 0.
 
 Training noise (``draw_training_noise``), with t = 0 noise and t = 1 data as everywhere in vfmbench:
 ``uniform`` t ~ U[0, 1]; ``lognormal`` t = sigmoid(mean + std n), n ~ N(0, 1); ``shifted``
-t = u / (s + (1 - s) u), u ~ U[0, 1] (``vfmbench.sampling.shift_time``; s < 1 favours the data
+t = s u / (1 + (s - 1) u), u ~ U[0, 1] (``vfmbench.sampling.shift_time``; s < 1 favours the noise
 end). ``time_sampling_until_images`` > 0 switches to ``uniform`` once that many training images
 have been seen (LightningDiT's log-normal-then-uniform schedule). Labels are replaced by the null
 label with probability ``label_dropout``. Draw order: t, eps, dropout mask (as ``flow-dit``).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +49,18 @@ SIZES = {"tiny": (128, 4, 4), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024,
 TIME_SAMPLINGS = ("uniform", "lognormal", "shifted")
 POS_EMBEDS = ("sincos", "none")
 
+# Reference key layout (DiT / SiT / LightningDiT / REG state dicts) -> vfmbench's, shared part; first match wins.
+REFERENCE_RENAMES = (
+    (r"^x_embedder\.proj\.", "x_embed."),
+    (r"^t_embedder\.mlp\.", "t_embed.mlp."),
+    (r"^y_embedder\.embedding_table\.", "y_embed."),
+    (r"^blocks\.(\d+)\.adaLN_modulation\.", r"blocks.\1.ada."),
+    (r"^final_layer\.norm_final\.", "final.norm."),
+    (r"^final_layer\.adaLN_modulation\.", "final.ada."),
+    (r"^final_layer\.linear\.", "final.linear."),
+)
+REFERENCE_FIXED = ("pos_embed", "feat_rope.freqs_cos", "feat_rope.freqs_sin")  # fixed tables: compared, not loaded
+
 
 @dataclass
 class FlowArgs:
@@ -59,12 +78,13 @@ class FlowArgs:
     time_sampling: str = "uniform"  # uniform | lognormal | shifted
     lognormal_mean: float = 0.0
     lognormal_std: float = 1.0
-    time_shift: float = 1.0  # 'shifted' sampling: t = u / (s + (1 - s) u)
+    time_shift: float = 1.0  # 'shifted' sampling: t = s u / (1 + (s - 1) u)
     time_sampling_until_images: int = 0  # > 0: switch to uniform after this many images (0 = never)
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
+    hflip: bool = True  # train on horizontally flipped latents half of the time (REG: false)
     # Convergence evaluation during training (the runner's diffusion stage)
     eval_every_images: int = 0  # 0 = off; else sample + gFID with the EMA weights every this many images and at the end
     eval_num_images: int = 0  # samples per evaluation; 0 = diffusion.sample.num_images
@@ -120,15 +140,16 @@ def check_args(args: FlowArgs, latent_shape: tuple[int, int, int], rope: bool) -
 def rope_2d(head_dim: int, gh: int, gw: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each [gh*gw, head_dim], for tokens in row-major order.
 
-    Channel layout of a head: [axis (row, column), half (a, b), frequency (head_dim / 4)]; the pair
-    (a_f, b_f) of an axis rotates by ``pos * theta^(-f / (head_dim / 4))``.
+    Channel layout of a head (LightningDiT's ``VisionRotaryEmbeddingFast``): the first head_dim / 2
+    channels rotate with the token's row, the last head_dim / 2 with its column; within each half the
+    adjacent pair (2f, 2f+1) rotates by ``pos * theta^(-f / (head_dim / 4))`` (interleaved pairs).
     """
     q = head_dim // 4
     freqs = theta ** (-torch.arange(q, dtype=torch.float64) / q)
     rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
-    ang_r = rows.flatten()[:, None] * freqs[None]
-    ang_c = cols.flatten()[:, None] * freqs[None]
-    ang = torch.cat([ang_r, ang_r, ang_c, ang_c], dim=1)
+    ang_r = (rows.flatten()[:, None] * freqs[None]).repeat_interleave(2, dim=1)
+    ang_c = (cols.flatten()[:, None] * freqs[None]).repeat_interleave(2, dim=1)
+    ang = torch.cat([ang_r, ang_c], dim=1)
     return ang.cos().float(), ang.sin().float()
 
 
@@ -177,9 +198,17 @@ class SwiGLU(nn.Module):
 
 
 def _norm(width: int, rms: bool) -> nn.Module:
+    """LightningDiT: RMSNorm with a learnable weight (its ``RMSNorm``); DiT/SiT: LayerNorm without affine parameters."""
     if rms:
-        return RMSNorm(width, eps=1e-6, elementwise_affine=False)
+        return RMSNorm(width, eps=1e-6, elementwise_affine=True)
     return nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+
+
+def dit_sincos(width: int, gh: int, gw: int) -> torch.Tensor:
+    """[gh*gw, width] fixed 2-D sin-cos embedding in DiT/MAE's ``get_2d_sincos_pos_embed`` order: for the
+    row-major token (r, c) the first half of the channels encodes the column c, the second half the row r."""
+    pe = sincos_2d(width, gh, gw)  # [emb(r), emb(c)]
+    return torch.cat([pe[:, width // 2:], pe[:, : width // 2]], dim=1)
 
 
 class Block(nn.Module):
@@ -188,7 +217,7 @@ class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, swiglu: bool, rmsnorm: bool):
         super().__init__()
         self.norm1 = _norm(width, rmsnorm)
-        self.attn = Attention(width, heads, qk_norm)
+        self.attn = Attention(width, heads, qk_norm, qk_layernorm=not rmsnorm)
         self.norm2 = _norm(width, rmsnorm)
         if swiglu:
             self.mlp = SwiGLU(width, mlp_ratio)
@@ -248,15 +277,16 @@ class FlowTransformer(DiffusionModel):
         self.grid = (h // p, w // p)
         self.x_embed = nn.Conv2d(c, width, kernel_size=p, stride=p)
         if args.pos_embed == "sincos":
-            self.register_buffer("pos", sincos_2d(width, *self.grid)[None], persistent=False)
+            self.register_buffer("pos", dit_sincos(width, *self.grid)[None], persistent=False)
         else:
             self.pos = None
         self.use_rope = rope
+        self.swiglu = swiglu
         if rope:
             cos, sin = rope_2d(width // heads, *self.grid)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.t_embed = TimestepEmbedder(width)
+        self.t_embed = TimestepEmbedder(width, scale=1.0)  # t in [0, 1] as the references embed it (no x1000)
         self.y_embed = nn.Embedding(num_classes + 1, width)  # last row: the null label
         self.blocks = nn.ModuleList(Block(width, heads, args.mlp_ratio, args.qk_norm, swiglu, rmsnorm) for _ in range(depth))
         self.final = FinalLayer(width, p * p * c, rmsnorm)
@@ -279,6 +309,50 @@ class FlowTransformer(DiffusionModel):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
+    # -- released checkpoints --
+    reference_renames: tuple[tuple[str, str], ...] = ()  # the subclass's own renames, tried before REFERENCE_RENAMES
+
+    def released_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """``sd`` in the reference implementation's key layout converted to this model's, or None when ``sd`` is not
+        in that layout. Its fixed tables (sin-cos ``pos_embed``, RoPE ``feat_rope.freqs_*``) must equal this model's."""
+        if "x_embedder.proj.weight" not in sd:
+            return None
+        mlp = (("w12", "fc1"), ("w3", "fc2")) if self.swiglu else (("fc1", "0"), ("fc2", "2"))  # SwiGLU / timm Mlp
+        rules = self.reference_renames + tuple((rf"^blocks\.(\d+)\.mlp\.{a}\.", rf"blocks.\1.mlp.{b}.") for a, b in mlp) + REFERENCE_RENAMES
+        out, fixed = {}, {}
+        for k, v in sd.items():
+            if k in REFERENCE_FIXED:
+                fixed[k] = v
+                continue
+            for pattern, repl in rules:
+                new, n = re.subn(pattern, repl, k)
+                if n:
+                    break
+            out[new] = v
+        self._check_fixed(fixed)
+        return out
+
+    def _check_fixed(self, fixed: dict[str, torch.Tensor]) -> None:
+        def same(name: str, ref: torch.Tensor, own: torch.Tensor | None) -> None:
+            if own is None or ref.shape != own.shape or not torch.allclose(ref.float().cpu(), own.float().cpu(), atol=1e-5, rtol=0):
+                raise UserError(f"the checkpoint's {name} differs from this model's (grid {self.grid[0]}x{self.grid[1]}, width "
+                                f"{self.width}, heads {self.heads}, pos_embed {self.args.pos_embed!r}, rope {self.use_rope}); "
+                                "check diffusion.args and the tokenizer's latent size")
+
+        if "pos_embed" in fixed:
+            ref = fixed["pos_embed"].reshape(-1, fixed["pos_embed"].shape[-1])
+            n = self.grid[0] * self.grid[1]
+            if ref.shape[0] > n and ref[: ref.shape[0] - n].abs().max() > 0:
+                raise UserError("the checkpoint's pos_embed has non-zero prefix rows (a class token position); vfmbench adds none")
+            same("pos_embed", ref[-n:], None if self.pos is None else self.pos[0])
+        elif self.pos is not None:
+            raise UserError("the checkpoint has no pos_embed but the model adds one; set diffusion.args.pos_embed=none")
+        for name, own in (("feat_rope.freqs_cos", "rope_cos"), ("feat_rope.freqs_sin", "rope_sin")):
+            if name in fixed:
+                same(name, fixed[name], getattr(self, own) if self.use_rope else None)
+            elif self.use_rope:
+                raise UserError(f"the checkpoint has no {name} (no RoPE) but the model uses RoPE; set diffusion.args.rope=false")
+
     # -- pieces of the forward pass --
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.x_embed(x).flatten(2).transpose(1, 2)
@@ -292,6 +366,11 @@ class FlowTransformer(DiffusionModel):
 
     def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.rope_cos, self.rope_sin) if self.use_rope else None
+
+    @property
+    def train_hflip(self) -> bool:
+        """Whether the runner feeds the flipped images' latents (p = 0.5) in training (``diffusion.args.hflip``)."""
+        return bool(self.args.hflip)
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         """Recompute each transformer block's activations in the backward pass (``run.grad_checkpointing``)."""

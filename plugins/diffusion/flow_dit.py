@@ -198,21 +198,22 @@ class RMSNorm(nn.RMSNorm):
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(a, b) -> (-b, a) within each axis of the ``rope_2d`` channel layout."""
-    x = x.unflatten(-1, (2, 2, -1))
-    return torch.stack((-x[..., 1, :], x[..., 0, :]), dim=-2).flatten(-3)
+    """(a, b) -> (-b, a) on each adjacent channel pair (2i, 2i+1) of the ``rope_2d`` layout (LightningDiT's
+    ``rotate_half`` on '(d r)', r = 2)."""
+    x = x.unflatten(-1, (-1, 2))
+    return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
 
 
 def swap_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(a, b) -> (b, a) within each axis of the ``rope_2d`` channel layout (``rotate_pairs`` without the sign)."""
-    return x.unflatten(-1, (2, 2, -1)).roll(1, -2).flatten(-3)  # roll: one pass (flip is slower on CPU), self-inverse backward
+    """(a, b) -> (b, a) on each adjacent channel pair (``rotate_pairs`` without the sign)."""
+    return x.unflatten(-1, (-1, 2)).roll(1, -1).flatten(-2)  # roll: one pass (flip is slower on CPU), self-inverse backward
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """``sin`` with the sign of ``rotate_pairs`` folded in (-sin on the a half, +sin on the b half), so that
-    ``rotate_pairs(x) * sin == swap_pairs(x) * signed_sin(sin)``."""
-    s = sin.unflatten(-1, (2, 2, -1))
-    return torch.stack((-s[..., 0, :], s[..., 1, :]), dim=-2).flatten(-3)
+    """``sin`` with the sign of ``rotate_pairs`` folded in (-sin on each pair's first channel, +sin on its
+    second), so that ``rotate_pairs(x) * sin == swap_pairs(x) * signed_sin(sin)``."""
+    s = sin.unflatten(-1, (-1, 2))
+    return torch.stack((-s[..., 0], s[..., 1]), dim=-1).flatten(-2)
 
 
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,13 +281,17 @@ def qk_norm_rope(qk: torch.Tensor, weight: torch.Tensor | None, rope: tuple[torc
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, qk_norm: bool):
+    """Multi-head attention; QK-norm per head is RMSNorm (eps 1e-6, weight; LightningDiT, flow-dit) or, with
+    ``qk_layernorm``, LayerNorm (eps 1e-5, weight and bias; timm's, as SiT/REPA/REG use it)."""
+
+    def __init__(self, width: int, heads: int, qk_norm: bool, qk_layernorm: bool = False):
         super().__init__()
         self.heads = heads
         head_dim = width // heads
         self.qkv = nn.Linear(width, 3 * width)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        norm = (lambda: nn.LayerNorm(head_dim, eps=1e-5)) if qk_layernorm else (lambda: nn.RMSNorm(head_dim, eps=1e-6))
+        self.q_norm = norm() if qk_norm else nn.Identity()
+        self.k_norm = norm() if qk_norm else nn.Identity()
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -294,6 +299,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads)
         weight = torch.stack([self.q_norm.weight, self.k_norm.weight]) if isinstance(self.q_norm, nn.RMSNorm) else None
         qk, v = qkv.split([2, 1], dim=2)  # split, not slices: one gradient concatenation, no zero-filled buffers
+        if isinstance(self.q_norm, nn.LayerNorm):
+            qf = _upcast(qk)
+            qk = torch.stack([self.q_norm(qf[:, :, 0]), self.k_norm(qf[:, :, 1])], dim=2)
         qk = qk_norm_rope(qk, weight, rope, self.q_norm.eps if weight is not None else 1e-6)  # fp32 under autocast
         q, k = qk.to(qkv.dtype).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(q, k, v[:, :, 0].transpose(1, 2))

@@ -1,10 +1,13 @@
 """``lightningdit``: LightningDiT (Yao et al. 2025), a DiT with modern blocks, by linear flow matching.
 
-Architecture (``dit_blocks.FlowTransformer``): patch 1 or 2 on the latent grid, fixed sin-cos
-absolute position embedding plus 2-D RoPE in every attention, RMS QK-norm, SwiGLU feed-forward,
-RMSNorm, adaLN-Zero conditioning on ``t`` and the class. Sizes ``tiny`` to ``xl``
-(LightningDiT-XL/1: width 1152, depth 28, 16 heads, patch 1; 674,900,192 parameters for a
-16x16x32 latent and 1000 classes; see docs/diffusion.md).
+Architecture (``dit_blocks.FlowTransformer``), as hustvl/LightningDiT ``models/lightningdit.py``:
+patch 1 or 2 on the latent grid, fixed sin-cos absolute position embedding plus 2-D RoPE in every
+attention, RMS QK-norm, SwiGLU feed-forward, RMSNorm with learnable weights, adaLN-Zero
+conditioning on the class and on ``t`` in [0, 1] as it is. Sizes ``tiny`` to ``xl``
+(LightningDiT-XL/1: width 1152, depth 28, 16 heads, patch 1; 674,965,856 trainable parameters for
+a 16x16x32 latent and 1000 classes, the reference module's count). Released checkpoints load
+through ``diffusion.weights``; the golden test (tests/test_golden_diffusion.py) checks forward,
+guidance and sampler against the reference's outputs.
 
 Objective: ``x_t = (1 - t) eps + t x`` (t = 0 noise, t = 1 data), target ``v = x - eps``; the
 per-sample loss is the MSE plus ``cos_loss_weight`` times the velocity-direction term
@@ -79,8 +82,8 @@ def register_diffusion_models(register):
             description="LightningDiT (SwiGLU, RMSNorm, RoPE, QK-norm, adaLN-Zero) by linear flow matching with the cosine velocity loss",
             factory=factory,
             config=LightningDiTArgs,
-            version="1",
-            source="re-implementation in vfmbench from the LightningDiT / VA-VAE paper's description",
+            version="2",
+            source="re-implementation in vfmbench, checked against hustvl/LightningDiT @ 2725fed (golden fixture)",
             paper="Yao et al., Reconstruction vs. Generation: Taming Optimization Dilemma in Latent Diffusion Models, arXiv:2501.01423",
             license="Apache-2.0",
         )

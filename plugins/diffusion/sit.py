@@ -1,8 +1,11 @@
 """``sit``: SiT (Ma et al. 2024) by linear flow matching, with optional REPA or REG alignment to a VFM.
 
-Architecture (``dit_blocks.FlowTransformer``): DiT blocks (LayerNorm, GELU(tanh) MLP, adaLN-Zero),
-RMS QK-norm, fixed sin-cos position embedding, patch 1 or 2. Objective: ``x_t = (1 - t) eps + t x``
-(t = 0 noise, t = 1 data), target ``v = x - eps``, per-sample MSE ("denoise").
+Architecture (``dit_blocks.FlowTransformer``), as REG's / REPA's ``models/sit.py``: DiT blocks
+(LayerNorm, GELU(tanh) MLP, adaLN-Zero), timm's LayerNorm QK-norm (weight and bias), fixed sin-cos
+position embedding, patch 1 or 2. The network itself (``reference``) runs in SiT's convention: it
+embeds the noise level ``tau = 1 - t`` and predicts ``noise - data``; ``forward`` presents it in
+vfmbench's (t = 0 noise, v = data - noise), so released weights load unchanged. Objective:
+``x_t = (1 - t) eps + t x``, target ``v = x - eps``, per-sample MSE ("denoise").
 
 ``align`` (``diffusion.args.align``):
 
@@ -13,7 +16,8 @@ RMS QK-norm, fixed sin-cos position embedding, patch 1 or 2. Objective: ``x_t = 
   averaged over tokens: ``proj = -mean_n cos(h_n, y_n)``; loss ``denoise + proj_coeff * proj``.
 * ``reg`` (Wu et al. 2025): REPA plus the VFM's class token ``c`` as an extra input token, noised
   along the same path at the same t with its own noise, ``c_t = (1 - t) eps_c + t c``, projected to
-  the width by a linear layer and prepended to the patch tokens (it gets no position embedding).
+  the width by a linear layer and an affine LayerNorm (REG's ``cls_projectors2``, ``wg_norm``) and
+  prepended to the patch tokens (it gets no position embedding: REG's row 0 is zero).
   Its velocity ``c - eps_c`` is predicted from the final layer's class-token features by a linear
   head and trained with its own MSE: loss ``denoise + proj_coeff * proj + cls_coeff * cls``. The
   REPA term then aligns the class-token position too (with ``c``). Sampling integrates the latent
@@ -22,7 +26,8 @@ RMS QK-norm, fixed sin-cos position embedding, patch 1 or 2. Objective: ``x_t = 
 The alignment VFM (``align_vfm``, tokens of layer ``align_vfm_layer`` resampled to the model's token
 grid, and for REG its class token) is computed by the runner through ``vfmbench.alignment`` from the
 request ``alignment_request()`` and passed to ``phase_loss`` as ``align_tokens`` [B, N, align_dim] and
-``align_cls`` [B, align_dim]. SiT-XL/1 + REG with DINOv2-B (align_dim 768) has 684,759,904 parameters.
+``align_cls`` [B, align_dim]. SiT-XL/1 + REG with DINOv2-B (align_dim 768) has 684,766,240 parameters,
+the reference module's count. REG trains without horizontal flips (``hflip=False`` in the preset).
 """
 from __future__ import annotations
 
@@ -72,6 +77,13 @@ class SiT(FlowTransformer):
     the class token's width (0 otherwise).
     """
 
+    reference_renames = (  # REG/REPA SiT names (Martinser/REG models/sit.py, sihyun-yu/REPA models/sit.py)
+        (r"^final_layer\.linear_cls\.", "cls_out."),
+        (r"^cls_projectors2\.", "cls_in."),
+        (r"^wg_norm\.", "cls_norm."),
+        (r"^projectors\.0\.", "projector."),
+    )
+
     def __init__(self, args: SiTArgs, latent_shape: tuple[int, int, int], num_classes: int):
         super().__init__(args, latent_shape, num_classes, swiglu=False, rmsnorm=False, rope=False, name="sit")
         if args.align not in ALIGNS:
@@ -87,8 +99,9 @@ class SiT(FlowTransformer):
                 raise UserError("diffusion.args.proj_coeff and cls_coeff must be >= 0")
             self.projector = projector(self.width, args.projector_dim, args.align_dim)
         self.joint_dim = args.align_dim if args.align == "reg" else 0
-        if self.joint_dim:
+        if self.joint_dim:  # REG: Linear then an affine LayerNorm (cls_projectors2, wg_norm) in, linear_cls out
             self.cls_in = nn.Linear(args.align_dim, self.width)
+            self.cls_norm = nn.LayerNorm(self.width, eps=1e-6)
             self.cls_out = nn.Linear(self.width, args.align_dim)
         self.init_weights()
         if self.joint_dim:  # the untrained model predicts v = 0 for the class token too
@@ -98,7 +111,17 @@ class SiT(FlowTransformer):
     # -- forward --
     def run(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, joint: torch.Tensor | None = None,
             capture: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(v [B, C, H, W], v_cls [B, align_dim] or None, hidden states after block ``align_depth`` or None)."""
+        """(v [B, C, H, W], v_cls [B, align_dim] or None, hidden states after block ``align_depth`` or None)
+        in vfmbench's convention (t = 0 noise, v = data - noise): ``reference(x, 1 - t)`` with the
+        velocities negated."""
+        v, v_cls, hidden = self.reference(x, 1 - torch.as_tensor(t, device=x.device), labels, joint, capture)
+        return -v, (-v_cls if v_cls is not None else None), hidden
+
+    def reference(self, x: torch.Tensor, tau: torch.Tensor, labels: torch.Tensor, joint: torch.Tensor | None = None,
+                  capture: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The network in SiT/REPA/REG's own convention: ``tau`` is the noise level (1 = noise, 0 = data),
+        embedded as it is, and the velocities are noise - data (REG's ``SiT.forward``). Returns
+        (v, v_cls or None, hidden states after block ``align_depth`` or None; their projection is REG's zs)."""
         if self.joint_dim and joint is None:
             raise ValueError("sit with align='reg' models the class token jointly: pass joint=[B, align_dim], the noisy "
                              "class token at t (vfmbench.sampling.sample does this through the model's joint_dim)")
@@ -106,8 +129,8 @@ class SiT(FlowTransformer):
             raise ValueError("this sit model has no class token (align != 'reg'); do not pass joint")
         tokens = self.embed(x)
         if self.joint_dim:
-            tokens = torch.cat([self.cls_in(joint.to(tokens.dtype))[:, None], tokens], dim=1)
-        c = self.condition(t, labels, x.shape[0])
+            tokens = torch.cat([self.cls_norm(self.cls_in(joint.to(tokens.dtype)))[:, None], tokens], dim=1)
+        c = self.condition(tau, labels, x.shape[0])
         hidden = None
         for i, blk in enumerate(self.blocks, 1):
             tokens = self.run_block(blk, tokens, c)
@@ -183,8 +206,8 @@ def register_diffusion_models(register):
             description="SiT by linear flow matching, optionally with REPA (projector alignment) or REG (VFM class token) to a VFM",
             factory=factory,
             config=SiTArgs,
-            version="1",
-            source="re-implementation in vfmbench from the SiT, REPA and REG papers' descriptions",
+            version="2",
+            source="re-implementation in vfmbench, checked against Martinser/REG @ 021ea2e / tianciB/VFM-VAE tools/preprocess_for_reg/sit.py (golden fixture)",
             paper="SiT: arXiv 2401.08740; REPA: arXiv 2410.06940; REG: arXiv 2507.01467",
             license="Apache-2.0",
         )

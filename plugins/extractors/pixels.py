@@ -9,15 +9,16 @@ class Pixels:
     cache_name = ""  # cheap: not cached
     weights_id = ""
     is_official = True
-    protocol = {"pixel_data_range": "[0, 1] (float of uint8/255)"}
 
     def __init__(self, cfg, features, device, cache_dir):
         self.features = tuple(features)
+        self.ssim_range = cfg.metrics.ssim_range
+        self.protocol = {"pixel_data_range": "[0, 1] (float of uint8/255)", "ssim_range": self.ssim_range}
 
     def __call__(self, images, recon):
         from vfmbench.metrics.image import psnr_per_image, ssim_per_image
 
-        fns = {"psnr": psnr_per_image, "ssim": ssim_per_image}
+        fns = {"psnr": psnr_per_image, "ssim": lambda a, b: ssim_per_image(a, b, self.ssim_range)}
         return {f: fns[f](images, recon) for f in self.features}
 
 

@@ -11,8 +11,10 @@ Features each metric consumes (``extractor``/``feature``):
   ``val_labels`` and optionally ``recipe`` (a ``ProbeRecipe``) and ``num_classes``.
 
 ``stats(features)`` returns a dict of numpy arrays (cacheable with ``StatsCache``);
-``value(stats, reference_stats_or_None)`` returns a float (or a dict with ``value`` and extra
-protocol details, which the evaluator records with the row's protocol). Distribution metrics compare the
+``value(stats, reference_stats_or_None)`` returns a float, or a dict with ``value`` and the
+metric's own protocol fields, which the evaluator writes into the row's protocol (so rows that
+differ in them never share a leaderboard table): IS ``splits``, ``split_order``; KID ``subsets``,
+``subset_size``; precision/recall ``k``, ``reference_images``. Distribution metrics compare the
 candidate's statistics with the reference's, which are the same ``stats`` of the reference set.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from vfmbench.hookspecs import hookimpl
 from vfmbench.metrics.frechet import StatsAccumulator, frechet_distance, gaussian_stats, low_rank_factor
-from vfmbench.metrics.inception_score import inception_score
+from vfmbench.metrics.inception_score import SPLIT_ORDERS, inception_score
 from vfmbench.metrics.kid import kernel_inception_distance
 from vfmbench.metrics.precision_recall import NEIGHBOURHOOD, manifold_coverage, manifold_radii
 from vfmbench.metrics.probe import ProbeRecipe, linear_probe
@@ -50,11 +52,8 @@ def _require(reference: Mapping[str, Any] | None, keys: tuple[str, ...], metric:
 
 def gaussian_stage(features: Any) -> dict[str, np.ndarray]:
     """[N, D] features (or a ``StatsAccumulator`` already fed) -> {'mu', 'sigma'} in float64, plus
-    'factor' (``low_rank_factor``) when N <= D, which makes the distance an N x N eigenproblem."""
-    if isinstance(features, StatsAccumulator):
-        mu, sigma = features.finalize()
-        return {"mu": mu, "sigma": sigma}
-    mu, sigma = gaussian_stats(features)
+    'factor' (``low_rank_factor``) when N <= D, which makes the trace term an N x N problem."""
+    mu, sigma = features.finalize() if isinstance(features, StatsAccumulator) else gaussian_stats(features)
     out = {"mu": mu, "sigma": sigma}
     factor = low_rank_factor(features)
     if factor is not None:
@@ -71,14 +70,19 @@ def frechet_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None)
 # -- Inception Score -------------------------------------------------------------------------------
 
 
-def is_stage(features: Any, splits: int = 10) -> dict[str, np.ndarray]:
-    """[N, 1008] logits_unbiased -> {'mean', 'std', 'splits'} (torch-fidelity's ISC convention)."""
-    mean, std = inception_score(features, splits=splits)
-    return {"mean": np.float64(mean), "std": np.float64(std), "splits": np.int64(splits)}
+def is_stage(features: Any, splits: int = 10, split_order: str = "shuffled") -> dict[str, np.ndarray]:
+    """[N, 1008] logits_unbiased -> {'mean', 'std', 'splits', 'shuffled'}: torch-fidelity's ISC
+    convention (``shuffled``) or the ADM evaluator's consecutive chunks (``consecutive``)."""
+    if split_order not in SPLIT_ORDERS:
+        raise ValueError(f"IS split order must be one of {sorted(SPLIT_ORDERS)}, got {split_order!r}")
+    shuffled = split_order == "shuffled"
+    mean, std = inception_score(features, splits=splits, shuffle=shuffled)
+    return {"mean": np.float64(mean), "std": np.float64(std), "splits": np.int64(splits), "shuffled": np.bool_(shuffled)}
 
 
-def is_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None = None) -> float:
-    return float(stats["mean"])
+def is_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    order = SPLIT_ORDERS["shuffled" if bool(stats.get("shuffled", True)) else "consecutive"]
+    return {"value": float(stats["mean"]), "splits": int(stats["splits"]), "split_order": order}
 
 
 # -- KID ---------------------------------------------------------------------------------------------
@@ -90,11 +94,12 @@ def features_stage(features: Any) -> dict[str, np.ndarray]:
     return {"features": np.asarray(f, dtype=np.float64)}
 
 
-def kid_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> float:
+def kid_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> dict[str, Any]:
     """Mean unbiased MMD^2 over 100 subsets of min(1000, N_ref, N) vectors (seed 2020)."""
     ref = _require(reference, ("features",), "KID")
     size = min(KID_SUBSET_SIZE, len(ref["features"]), len(stats["features"]))
-    return kernel_inception_distance(ref["features"], stats["features"], subsets=KID_SUBSETS, subset_size=size)[0]
+    value = kernel_inception_distance(ref["features"], stats["features"], subsets=KID_SUBSETS, subset_size=size)[0]
+    return {"value": value, "subsets": KID_SUBSETS, "subset_size": int(size)}
 
 
 # -- precision / recall --------------------------------------------------------------------------
@@ -106,14 +111,18 @@ def manifold_stage(features: Any) -> dict[str, np.ndarray]:
     return {"features": f, "radii": manifold_radii(f, NEIGHBOURHOOD)}
 
 
-def precision_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> float:
+def _manifold_protocol(reference: Mapping[str, Any]) -> dict[str, Any]:
+    return {"k": NEIGHBOURHOOD, "reference_images": int(len(reference["features"]))}
+
+
+def precision_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> dict[str, Any]:
     ref = _require(reference, ("features", "radii"), "precision")
-    return manifold_coverage(stats["features"], ref["features"], ref["radii"])
+    return {"value": manifold_coverage(stats["features"], ref["features"], ref["radii"]), **_manifold_protocol(ref)}
 
 
-def recall_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> float:
+def recall_value(stats: Mapping[str, Any], reference: Mapping[str, Any] | None) -> dict[str, Any]:
     ref = _require(reference, ("features", "radii"), "recall")
-    return manifold_coverage(ref["features"], stats["features"], stats["radii"])
+    return {"value": manifold_coverage(ref["features"], stats["features"], stats["radii"]), **_manifold_protocol(ref)}
 
 
 # -- per-image pair scores (PSNR, SSIM, LPIPS) ------------------------------------------------------
@@ -185,10 +194,10 @@ def _specs() -> list[MetricSpec]:
             license=INCEPTION_LICENSE, **common,
         ),
         MetricSpec(
-            name="is", description="Inception Score (torch-fidelity ISC convention: softmax of logits_unbiased, 10 shuffled splits, seed 2020)",
+            name="is", description="Inception Score (softmax of logits_unbiased; metrics.isc_splits splits, shuffled with seed 2020 as torch-fidelity or consecutive as the ADM evaluator)",
             family="generation", higher_is_better=True, inputs="single", extractor="inception", feature="logits",
             stats=is_stage, value=is_value,
-            protocol_fields=("dataset", "resolution", "num_images", "extractor", "extractor_weights", "splits") + GEN_PROTOCOL,
+            protocol_fields=("dataset", "resolution", "num_images", "extractor", "extractor_weights", "splits", "split_order") + GEN_PROTOCOL,
             source=INCEPTION_SOURCE, paper="Salimans et al., Improved Techniques for Training GANs, NeurIPS 2016 (arXiv:1606.03498)",
             license=INCEPTION_LICENSE, **common,
         ),
@@ -202,29 +211,29 @@ def _specs() -> list[MetricSpec]:
         MetricSpec(
             name="precision", description="Improved precision: share of samples inside the reference's k=3 nearest-neighbour manifold (Inception pool_3)",
             family="generation", higher_is_better=True, inputs="distribution", extractor="inception", feature="pool",
-            stats=manifold_stage, value=precision_value, protocol_fields=BASE_PROTOCOL + ("k",) + GEN_PROTOCOL,
+            stats=manifold_stage, value=precision_value, protocol_fields=BASE_PROTOCOL + ("k", "reference_images") + GEN_PROTOCOL,
             source=INCEPTION_SOURCE, paper="Kynkäänniemi et al., Improved Precision and Recall Metric for Assessing Generative Models, NeurIPS 2019 (arXiv:1904.06991); " + ADM_PAPER,
             license=INCEPTION_LICENSE, **common,
         ),
         MetricSpec(
             name="recall", description="Improved recall: share of reference images inside the samples' k=3 nearest-neighbour manifold (Inception pool_3)",
             family="generation", higher_is_better=True, inputs="distribution", extractor="inception", feature="pool",
-            stats=manifold_stage, value=recall_value, protocol_fields=BASE_PROTOCOL + ("k",) + GEN_PROTOCOL,
+            stats=manifold_stage, value=recall_value, protocol_fields=BASE_PROTOCOL + ("k", "reference_images") + GEN_PROTOCOL,
             source=INCEPTION_SOURCE, paper="Kynkäänniemi et al., Improved Precision and Recall Metric for Assessing Generative Models, NeurIPS 2019 (arXiv:1904.06991); " + ADM_PAPER,
             license=INCEPTION_LICENSE, **common,
         ),
         MetricSpec(
             name="psnr", description="PSNR in dB per image, averaged (uint8 pairs as [0, 1] with data range 1 == [-1, 1] with data range 2)",
             family="reconstruction", higher_is_better=True, inputs="pairs", extractor="pixels", feature="psnr",
-            stats=mean_stage, value=mean_value, protocol_fields=("dataset", "split", "resolution", "num_images", "data_range"),
+            stats=mean_stage, value=mean_value, protocol_fields=("dataset", "split", "resolution", "num_images", "pixel_data_range"),
             source="torchmetrics functional peak_signal_noise_ratio",
             paper="Huynh-Thu & Ghanbari, Scope of validity of PSNR in image/video quality assessment, Electronics Letters 2008",
             license="Apache-2.0", **common,
         ),
         MetricSpec(
-            name="ssim", description="SSIM per image, averaged (torchmetrics: Gaussian window 11, sigma 1.5, data range 1 on [0, 1])",
+            name="ssim", description="SSIM per image, averaged (torchmetrics: Gaussian window 11, sigma 1.5; metrics.ssim_range, VFM-VAE: [-1, 1], data range 2)",
             family="reconstruction", higher_is_better=True, inputs="pairs", extractor="pixels", feature="ssim",
-            stats=mean_stage, value=mean_value, protocol_fields=("dataset", "split", "resolution", "num_images", "data_range"),
+            stats=mean_stage, value=mean_value, protocol_fields=("dataset", "split", "resolution", "num_images", "pixel_data_range", "ssim_range"),
             source="torchmetrics functional structural_similarity_index_measure",
             paper="Wang et al., Image Quality Assessment: From Error Visibility to Structural Similarity, IEEE TIP 2004",
             license="Apache-2.0", **common,

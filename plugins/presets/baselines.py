@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from vfmbench.config import deep_merge
 from vfmbench.hookspecs import hookimpl
+from vfmbench.metrics.adm import ADM_IMAGENET256
 from vfmbench.specs import PresetSpec
 
 IMAGENET_TRAIN = 1_281_167
@@ -32,7 +33,8 @@ BASE = {
         "train": {"images": EPOCHS_64, "batch_size": 1024, "lr": 2e-4, "ema_halflife_images": 7_000_000, "ckpt_every_images": 5_000_000},
         "sample": {"num_images": 50_000, "sampler": "euler", "steps": 250, "cfg_scale": 1.0, "batch_size": 256},
     },
-    "metrics": {"recon_images": 50_000, "batch_size": 256},
+    "metrics": {"recon_images": 50_000, "batch_size": 256, "reference": ADM_IMAGENET256,
+                "isc_split_order": "consecutive"},  # generation metrics as the ADM evaluator
 }
 DIT_XL = {"width": 1152, "depth": 28, "heads": 16, "patch_size": 1, "time_sampling": "lognormal"}
 
@@ -43,7 +45,7 @@ COMPONENTS = {
     "distill": {"latent_channels": 32, "downsample": 16, "target": "cosine"},
     "rae": {"encoder_norm": "layernorm", "noise_tau": 0.8},
     "ldm-decoder": {"base_channels": 128, "channel_mult": [1, 1, 2, 2, 4], "blocks": 2, "attn_levels": [-1]},
-    "vit-decoder": {"width": 1152, "depth": 28, "heads": 16, "mlp_ratio": 4.0},
+    "vit-decoder": {"width": 1152, "depth": 28, "heads": 16, "mlp_ratio": 4096 / 1152},  # RAE ViT-XL: MLP 4096
 }
 
 FAMILIES = {

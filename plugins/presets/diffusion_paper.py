@@ -1,18 +1,23 @@
 """Plugin: the VFM-VAE paper's two diffusion recipes, at paper size and as CPU smoke variants.
 
 ``lightningdit-xl1-paper`` (brief §3.2): LightningDiT-XL/1 (patch 1 on 16x16x32 latents, QK-norm,
-SwiGLU, RoPE, RMSNorm, cosine loss), AdamW lr 2e-4, betas (0.9, 0.95), no weight decay, gradient
-clip 1.0, batch 1024, label dropout 0.1, EMA 0.9999 per step; 600k steps (614.4M images) with
-log-normal t, then uniform to 700k steps (716.8M images, about 560 epochs; LightningDiT issue
-#23). Sampler: Euler ODE, 250 steps, CFG 4.0 on the interval [0.125, 1] (t = 0 noise), timestep
-shift 0.3, 50k samples with random labels.
+SwiGLU, RoPE, RMSNorm, cosine loss; 674,965,856 parameters as the reference module), AdamW lr 2e-4,
+betas (0.9, 0.95), no weight decay, no gradient clipping and bf16 autocast (as the reference trains),
+batch 1024, label dropout 0.1, EMA 0.9999 per step; 600k steps (614.4M images) with log-normal t,
+then uniform to 700k steps (716.8M images, about 560 epochs; LightningDiT issue #23). Sampler as
+LightningDiT's ``inference.py`` with the VFM-VAE stage-1 yaml: Euler ODE on a 250-point grid
+(``num_sampling_steps: 250`` = 249 Euler steps, so ``steps: 249`` here), timestep shift 0.3
+(``s t / (1 + (s - 1) t)``, t = 0 noise: steps packed at the noise end), CFG 4.0 on latent channels
+0-2 only (``guided_channels: 3``) and only for t >= 0.125, 50k samples with random labels.
 
 ``reg-sit-xl1-paper`` (brief §3.3): SiT-XL/1 with REG (QK-norm, REPA projector on block 8 to
 DINOv2-B/14's final tokens, proj coefficient 0.5, DINOv2 class token as an extra noised token with
 loss weight 0.03), uniform t, AdamW lr 2e-4, betas (0.9, 0.95), no weight decay, clip 1.0, batch
-1024, label dropout 0.1, EMA 0.9999; 800k steps (819.2M images, about 640 epochs). Sampler:
-Euler-Maruyama SDE, 250 steps, CFG 4.0 on the latent and the class token over REG's guidance
-interval [0, 0.8] (their t = 1 is noise; [0.2, 1] here). The DINOv2 targets are computed per
+1024, label dropout 0.1, EMA 0.9999, no horizontal flips (``hflip: false``, as REG's loader);
+800k steps (819.2M images, about 640 epochs); 684,766,240 parameters as the reference module.
+Sampler (VFM-VAE ``sample.sh``): Euler-Maruyama SDE, 250 steps, CFG 4.0 on the latent and 4.0 on the
+class token (``cls_cfg_scale``, here ``joint_cfg_scale``) over REG's guidance interval [0, 0.8]
+(their t = 1 is noise; [0.2, 1] here). The DINOv2 targets are computed per
 batch (``align_features=online``): cached for ImageNet and its flips they would take about 1 TB.
 Tokenizer latents feeding REG make the paper's "dual-side alignment" (§3.4).
 
@@ -34,6 +39,7 @@ import math
 
 from vfmbench.config import STAGES, deep_merge
 from vfmbench.hookspecs import hookimpl
+from vfmbench.metrics.adm import ADM_IMAGENET256
 from vfmbench.specs import PresetSpec
 from vfmbench_plugins.presets.smoke import SMOKE
 from vfmbench_plugins.presets.vfm_vae_paper import PAPER as TOKENIZER_PAPER
@@ -48,22 +54,24 @@ CONVERGENCE = {"eval_every_images": EVAL_EVERY, "eval_num_images": 10_000, "eval
 BASE = deep_merge(TOKENIZER_PAPER, {
     "run": {"smoke": False, "device": "auto", "seed": 0, "precision": "fp32", "stages": list(STAGES)},
     "data": {"num_workers": 8},
-    "metrics": {"recon_images": 50_000, "batch_size": 256},
+    # gFID/sFID/IS/precision/recall as the ADM evaluator: its reference batch (the run stops before any work
+    # without it) and IS over 10 consecutive chunks of the 50k samples
+    "metrics": {"recon_images": 50_000, "batch_size": 256, "reference": ADM_IMAGENET256, "isc_split_order": "consecutive"},
 })
 
 LIGHTNINGDIT_ARGS = {
     "size": "xl", "patch_size": 1, "qk_norm": True, "swiglu": True, "rope": True, "rmsnorm": True, "pos_embed": "sincos",
     "cos_loss_weight": 1.0, "label_dropout": 0.1, "time_sampling": "lognormal", "lognormal_mean": 0.0, "lognormal_std": 1.0,
-    "time_sampling_until_images": 600_000 * BATCH, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.0, "grad_clip": 1.0,
+    "time_sampling_until_images": 600_000 * BATCH, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.0, "grad_clip": 0.0,
     **CONVERGENCE,
 }
 LIGHTNINGDIT = {
     "diffusion": {
         "name": "lightningdit",
         "train": {"images": 700_000 * BATCH, "batch_size": BATCH, "lr": 2e-4, "ema_halflife_images": EMA_HALFLIFE,
-                  "ckpt_every_images": 10_000 * BATCH, "log_every_images": 1_000 * BATCH},
-        "sample": {"num_images": 50_000, "sampler": "euler", "steps": 250, "cfg_scale": 4.0, "cfg_interval": [0.125, 1.0],
-                   "timestep_shift": 0.3, "label_sampling": "random", "batch_size": 256, "precision": "fp32"},
+                  "ckpt_every_images": 10_000 * BATCH, "log_every_images": 1_000 * BATCH, "precision": "bf16"},
+        "sample": {"num_images": 50_000, "sampler": "euler", "steps": 249, "cfg_scale": 4.0, "cfg_interval": [0.125, 1.0],
+                   "timestep_shift": 0.3, "guided_channels": 3, "label_sampling": "random", "batch_size": 256, "precision": "fp32"},
     },
     "component_args": {"lightningdit": LIGHTNINGDIT_ARGS},
 }
@@ -71,7 +79,7 @@ LIGHTNINGDIT = {
 REG_ARGS = {
     "size": "xl", "patch_size": 1, "qk_norm": True, "pos_embed": "sincos", "label_dropout": 0.1, "time_sampling": "uniform",
     "align": "reg", "align_vfm": "dinov2-b14", "align_vfm_layer": -1, "align_dim": 768, "align_depth": 8, "projector_dim": 2048,
-    "proj_coeff": 0.5, "cls_coeff": 0.03, "align_features": "online",
+    "proj_coeff": 0.5, "cls_coeff": 0.03, "align_features": "online", "hflip": False,
     "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.0, "grad_clip": 1.0,
     **CONVERGENCE,
 }
@@ -81,7 +89,7 @@ REG = {
         "train": {"images": 800_000 * BATCH, "batch_size": BATCH, "lr": 2e-4, "ema_halflife_images": EMA_HALFLIFE,
                   "ckpt_every_images": 10_000 * BATCH, "log_every_images": 1_000 * BATCH},
         "sample": {"num_images": 50_000, "sampler": "euler-maruyama", "steps": 250, "cfg_scale": 4.0, "cfg_interval": [0.2, 1.0],
-                   "timestep_shift": 1.0, "label_sampling": "random", "batch_size": 256, "precision": "fp32"},
+                   "joint_cfg_scale": 4.0, "timestep_shift": 1.0, "label_sampling": "random", "batch_size": 256, "precision": "fp32"},
     },
     "component_args": {"sit": REG_ARGS},
 }
@@ -93,7 +101,7 @@ LIGHTNINGDIT_SMOKE = {
         "name": "lightningdit",
         "train": SMOKE_TRAIN,
         "sample": {"num_images": 128, "sampler": "euler", "steps": 16, "cfg_scale": 4.0, "cfg_interval": [0.125, 1.0],
-                   "timestep_shift": 0.3, "batch_size": 64},
+                   "timestep_shift": 0.3, "guided_channels": 3, "batch_size": 64},
     },
     "component_args": {"lightningdit": {"time_sampling": "lognormal", "time_sampling_until_images": 7168, "eval_every_images": 2048}},
 }
@@ -104,16 +112,18 @@ REG_SMOKE = {
         "sample": {"num_images": 128, "sampler": "euler-maruyama", "steps": 16, "cfg_scale": 4.0, "cfg_interval": [0.2, 1.0],
                    "batch_size": 64},
     },
-    "component_args": {"sit": {"align": "reg", "align_vfm": "dinov2-b14", "time_sampling": "uniform", "eval_every_images": 2048}},
+    "component_args": {"sit": {"align": "reg", "align_vfm": "dinov2-b14", "time_sampling": "uniform", "eval_every_images": 2048, "hflip": False}},
 }
 
 PRESETS = {
     "lightningdit-xl1-paper": (
-        "VFM-VAE tokenizer + LightningDiT-XL/1, the paper's recipe (700k steps at batch 1024, Euler-250, CFG 4.0, shift 0.3), ImageNet 256",
+        "VFM-VAE tokenizer + LightningDiT-XL/1, the paper's recipe (700k steps at batch 1024, bf16, no clipping; "
+        "Euler on a 250-point grid, CFG 4.0 on channels 0-2 for t >= 0.125, shift 0.3 toward the noise), ImageNet 256",
         deep_merge(BASE, LIGHTNINGDIT),
     ),
     "reg-sit-xl1-paper": (
-        "VFM-VAE tokenizer + REG SiT-XL/1 (DINOv2-B REPA + class token), the paper's recipe (800k steps at batch 1024, SDE-250, CFG 4.0)",
+        "VFM-VAE tokenizer + REG SiT-XL/1 (DINOv2-B REPA + class token), the paper's recipe (800k steps at batch 1024, no flips, "
+        "trained fp32 where REG uses fp16 mixed precision; SDE-250, CFG 4.0 on latent and class token for REG t <= 0.8)",
         deep_merge(BASE, REG),
     ),
     "lightningdit-smoke": ("smoke preset with a tiny LightningDiT in the paper recipe's shape (CPU, labelled smoke)", deep_merge(SMOKE, LIGHTNINGDIT_SMOKE)),

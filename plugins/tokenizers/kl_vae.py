@@ -1,7 +1,9 @@
 """Plugin: ``kl-vae``, the plain KL autoencoder baseline with a trainable convolutional encoder.
 
 The LDM AutoencoderKL shape (Rombach et al. 2022) at any width: conv encoder -> diagonal Gaussian
--> decoder (``--decoder``, default ``conv-decoder``); L1 plus a small KL term.
+-> decoder (``--decoder``, default ``conv-decoder``); L1 plus a small KL term, weighted as LDM:
+``l1_weight * mean|x_hat - x| + kl_weight * KL / (3 H W)`` (KL summed over the latent; LDM sums
+both terms over their elements, here divided by the 3 H W image values).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ class KlVae(Tokenizer):
         recon = self.decode(post.sample())
         l1 = (recon - target).abs().mean()
         kl = post.kl().mean()
-        return self.args.l1_weight * l1 + self.args.kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach())}
+        return self.args.l1_weight * l1 + self.args.kl_weight * kl / target[0].numel(), {"l1": float(l1.detach()), "kl": float(kl.detach())}
 
 
 def build(args: KlVaeArgs, ctx) -> KlVae:

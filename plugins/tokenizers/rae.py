@@ -16,7 +16,9 @@ The latent *is* the frozen VFM's token grid, uncompressed: for DINOv2-B/14 on 25
 * **Decoder**: ``--decoder``, default ``vit-decoder`` (MAE-style: linear embedding, a learned class
   token, fixed 2-D sin-cos positions, pre-norm ViT blocks, LayerNorm, a linear head to
   ``f x f x 3`` pixels per token, where f = resolution / token grid; RAE's ViT-XL is width 1152,
-  depth 28, 16 heads). Any decoder that takes a C x h x w latent also works (``conv-decoder``).
+  depth 28, 16 heads, MLP 4096 (its ``decoder_intermediate_size``), LayerNorm eps 1e-12 as
+  transformers' ViTMAE layers: 415,056,640 trainable parameters for DINOv2-B latents at 256 px).
+  Any decoder that takes a C x h x w latent also works (``conv-decoder``).
 
 Loss: L1 + LPIPS (``vfmbench_plugins.recon_losses``; RAE adds a GAN term, not included here).
 """
@@ -38,7 +40,8 @@ from vfmbench_plugins.recon_losses import ReconLoss, ReconLossArgs
 RAE_PAPER = "Zheng, Ma, Tong & Xie 2025, Diffusion Transformers with Representation Autoencoders (arXiv 2510.11690)"
 ENCODER_NORMS = ("layernorm", "vfm")
 DETERMINISTIC_LOGVAR = -30.0
-LN_EPS = 1e-6
+LN_EPS = 1e-6  # the encoder's final LayerNorm (DINOv2)
+DECODER_LN_EPS = 1e-12  # RAE's decoder: transformers ViTMAE layer_norm_eps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,10 +65,10 @@ class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.heads = heads
-        self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(width, eps=DECODER_LN_EPS)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(width, eps=DECODER_LN_EPS)
         hidden = int(round(width * mlp_ratio))
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
@@ -88,7 +91,7 @@ class VitDecoder(nn.Module):
         self.embed = nn.Linear(latent_channels, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if cls_token else None
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=LN_EPS)
+        self.norm = nn.LayerNorm(width, eps=DECODER_LN_EPS)
         self.head = nn.Linear(width, patch * patch * 3)
         self._init()
 
@@ -120,7 +123,7 @@ class VitDecoderArgs:
     width: int = 1152  # RAE's ViT-XL decoder: 1152 / 28 / 16
     depth: int = 28
     heads: int = 16
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4096 / 1152  # MLP width / width: RAE's ViT-XL decoder_intermediate_size 4096 at 1152
     cls_token: bool = True
 
 

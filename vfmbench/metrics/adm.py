@@ -7,6 +7,10 @@
 
 Inside vfmbench images are uint8 NCHW; these helpers convert at the file boundary. Writes are
 atomic (temporary file + rename), so an interrupted run never leaves a truncated ``.npz``.
+
+``check_reference`` is the preflight of ``metrics.reference`` (run before any work, also under
+``--dry-run``): the paper presets name ``VIRTUAL_imagenet256_labeled.npz``, and without it a run
+stops with exit 2 and says where to get it.
 """
 from __future__ import annotations
 
@@ -21,6 +25,45 @@ from ..errors import UserError
 from .cache import atomic_write
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+# The ADM evaluator's ImageNet reference batches (openai/guided-diffusion evaluations/README.md)
+ADM_BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
+ADM_IMAGENET256 = "VIRTUAL_imagenet256_labeled.npz"
+REFERENCE_BATCH_URLS = {
+    "VIRTUAL_imagenet64_labeled.npz": f"{ADM_BASE_URL}/64/VIRTUAL_imagenet64_labeled.npz",
+    "VIRTUAL_imagenet128_labeled.npz": f"{ADM_BASE_URL}/128/VIRTUAL_imagenet128_labeled.npz",
+    ADM_IMAGENET256: f"{ADM_BASE_URL}/256/{ADM_IMAGENET256}",
+    "VIRTUAL_imagenet512.npz": f"{ADM_BASE_URL}/512/VIRTUAL_imagenet512.npz",
+}
+# stages that compare against metrics.reference (gen-eval; the diffusion stage's convergence FID)
+REFERENCE_STAGES = ("diffusion", "gen-eval")
+
+
+def check_reference(path: str, stages: Any = REFERENCE_STAGES) -> None:
+    """Preflight of ``metrics.reference`` (cheap: reads the .npz directory only). '' (the val split)
+    or ``stages`` without one that uses it pass; a missing file or one without ADM statistics raises
+    a ``UserError`` naming the file, where to get it and the alternative."""
+    if not path or not set(stages) & set(REFERENCE_STAGES):
+        return
+    p = Path(path).expanduser()
+    name = p.name
+    if not p.is_file():
+        where = (f"it is the ADM evaluator's reference batch (openai/guided-diffusion evaluations): download "
+                 f"{REFERENCE_BATCH_URLS[name]} where the network is reachable, then pass its path with "
+                 f"`--set metrics.reference=PATH`" if name in REFERENCE_BATCH_URLS else
+                 "pass the path of an ADM-format reference batch .npz with `--set metrics.reference=PATH`")
+        raise UserError(
+            f"metrics.reference={path!r}: {str(p.resolve())!r} does not exist; {where}. Or use "
+            "`--set metrics.reference=''` to compare with the dataset's val split instead (another protocol: "
+            "those rows never share a leaderboard table with reference-batch rows)."
+        )
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            files = set(data.files)
+    except (OSError, ValueError) as e:
+        raise UserError(f"metrics.reference={path!r} is not a readable .npz ({type(e).__name__}: {e}); pass an ADM reference batch") from None
+    if not ({"mu", "sigma"} <= files or "arr_0" in files):
+        raise UserError(f"metrics.reference={path!r} has neither mu/sigma nor arr_0 images ({sorted(files)}): not an ADM reference batch")
 
 
 @dataclass

@@ -3,20 +3,26 @@ CKNNA as the VFM-VAE alignment study uses it).
 
 Algorithm (rows of A and B describe the same N images):
 
-1. ``preprocess``: clamp every entry to +-q, q the exact 95th percentile of |x| over the whole
-   tensor (``np.percentile``, linear interpolation), then L2-normalise the rows. Callers apply it
+1. ``preprocess``: clamp every entry to +-q, then L2-normalise the rows (platonic-rep
+   ``remove_outliers`` + ``F.normalize``). With ``exact=True`` (the VFM-VAE alignment pipeline) q is
+   the element at index ``int(0.95 * numel)`` of the sorted |x| over the whole tensor (no
+   interpolation); with ``exact=False`` (platonic-rep's ``measure_alignment`` default) q is the mean
+   over rows of each row's 0.95 quantile of |x| (linear interpolation). Callers apply it
    (``layer_table`` does); ``cknna`` itself takes features as they are.
 2. K = A A^T, L = B B^T. For a kernel X, M_X is the row-wise top-k mask: M_X[i, j] = 1 when j is
    among the k largest X[i, :] with the diagonal excluded (not a symmetric matrix).
 3. sim(X, Y) = HSIC_u(M ⊙ X, M ⊙ Y) with M = M_X ⊙ M_Y and HSIC_u the unbiased HSIC of Song et al.
    (2012) on zero-diagonal matrices:
    [tr(X~Y~) + 1'X~1 1'Y~1 / ((m-1)(m-2)) - 2 1'X~Y~1 / (m-2)] / (m(m-3)).
-4. CKNNA = sim(K, L) / sqrt(sim(K, K) sim(L, L)); sim(K, K) uses K's own mask M_K (not the joint
-   mask), which gives ~0 for independent features. When the denominator is not positive
-   (degenerate features, e.g. constant rows) the value is 0.0: no alignment is measurable.
+4. CKNNA = sim(K, L) / (sqrt(sim(K, K) sim(L, L)) + 1e-6), the 1e-6 as in the reference code
+   (with unit-norm rows, where sim values are ~1e-3, it lowers the value by ~2.6e-4 relative);
+   sim(K, K) uses K's own mask M_K (not the joint mask), which gives ~0 for independent features.
+   When sim(K, K) sim(L, L) is not positive (degenerate features, e.g. constant rows) the value is
+   0.0: no alignment is measurable (the reference returns NaN or sim(K, L) / 1e-6 there).
 
 Because M_X is not symmetric, CKNNA(A, B) and CKNNA(B, A) differ slightly on random data; this is
-the reference algorithm's behaviour and is kept.
+the reference algorithm's behaviour and is kept. Checked against the reference's outputs
+(platonic-rep ``AlignmentMetrics.cknna`` at dcd76ba) in ``tests/test_golden_cknna.py``.
 
 The implementation never builds the N x N kernels: the top-k indices are found in row blocks and
 every HSIC term is evaluated on the at most N*k entries of the mask, so N = 10 000 with 1024-d
@@ -33,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 TOPK = 10
-PERCENTILE = 95.0
+OUTLIER_Q = 0.95
+EPS = 1e-6  # added to the denominator's square root, as platonic-rep does
 ROW_BLOCK = 2048
 
 
@@ -46,11 +53,23 @@ def _as_float64_2d(x: Any) -> torch.Tensor:
     return x
 
 
-def preprocess(x: Any, percentile: float = PERCENTILE) -> torch.Tensor:
-    """Clamp to +-(the exact ``percentile``-th percentile of |x| over the tensor), then L2-normalise rows (float64)."""
+def outlier_threshold(x: torch.Tensor, q: float = OUTLIER_Q, exact: bool = True) -> float:
+    """platonic-rep ``remove_outliers``' clamp value: the sorted |x| at index ``int(q * numel)``
+    (``exact``), else the mean over rows of the row-wise ``q`` quantile of |x|."""
+    a = x.abs().numpy()
+    if exact:
+        flat = np.sort(a, axis=None)
+        return float(flat[min(int(q * flat.size), flat.size - 1)])
+    return float(np.quantile(a, q, axis=1).mean())
+
+
+def preprocess(x: Any, q: float = OUTLIER_Q, exact: bool = True) -> torch.Tensor:
+    """Clamp to +-``outlier_threshold``, then L2-normalise rows (float64); see the module docstring."""
     x = _as_float64_2d(x)
-    q = float(np.percentile(x.abs().numpy(), percentile))
-    return F.normalize(x.clamp(-q, q), dim=1)
+    if q < 1:  # the reference skips the clamp for q == 1
+        t = outlier_threshold(x, q, exact)
+        x = x.clamp(-t, t)
+    return F.normalize(x, dim=1)
 
 
 def _topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,8 +125,8 @@ def cknna(a: Any, b: Any, topk: int = TOPK) -> float:
     n = a.shape[0]
     if b.shape[0] != n:
         raise ValueError(f"the two feature sets must describe the same images: {n} and {b.shape[0]} rows")
-    if n < 4 or not 1 <= topk < n:
-        raise ValueError(f"CKNNA needs N >= 4 and 1 <= topk < N, got N={n}, topk={topk}")
+    if n < 4 or not 2 <= topk < n:
+        raise ValueError(f"CKNNA needs N >= 4 and 2 <= topk < N (as the reference), got N={n}, topk={topk}")
     idx_k, idx_l = _topk_indices(a, topk), _topk_indices(b, topk)
 
     def sim(x: torch.Tensor, y: torch.Tensor, idx_x: torch.Tensor, idx_y: torch.Tensor | None) -> float:
@@ -122,7 +141,7 @@ def cknna(a: Any, b: Any, topk: int = TOPK) -> float:
     denom = s_kk * s_ll
     if not denom > 0:
         return 0.0
-    return float(s_kl / np.sqrt(denom))
+    return float(s_kl / (np.sqrt(denom) + EPS))
 
 
 def se_cknna(pairs: Sequence[tuple[Any, Any]], topk: int = TOPK) -> float:

@@ -1,8 +1,13 @@
 """Per-image reconstruction scores of (input, reconstruction) pairs: PSNR, SSIM and LPIPS-VGG.
 
-Data range. Both images arrive as uint8 NCHW and are compared as float64 in [0, 1] with
-``data_range = 1.0``. PSNR and SSIM are invariant to an affine rescaling of both images together
-with their data range, so this equals the VFM-VAE protocol's [-1, 1] images with data range 2.
+Data range. Both images arrive as uint8 NCHW. PSNR compares them as float64 in [0, 1] with
+``data_range = 1.0``; PSNR is invariant to an affine map of both images with their data range, so
+this equals the VFM-VAE protocol's [-1, 1] images with data range 2. SSIM is not: its luminance
+term (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1) changes when the images are shifted, so the range
+is a setting (``SSIM_RANGES``, recorded in the row's protocol): ``[-1, 1]`` with data range 2 is
+VFM-VAE's ``tools/reconstruct/evaluate.py`` (torchmetrics ``StructuralSimilarityIndexMeasure(
+data_range=2.0)`` on (x - 0.5) / 0.5); ``[0, 1]`` with data range 1 equals SSIM on uint8 with data
+range 255 (a pure rescaling). On uniform-noise images the two differ by 0.2; on natural images less.
 PSNR and SSIM go through torchmetrics' functional API (SSIM: Gaussian window sigma 1.5, 11 taps,
 k1 0.01, k2 0.03, reflect padding, mean over channels and pixels). A pair of identical images has
 PSNR +inf.
@@ -34,6 +39,8 @@ LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
 SMOKE_SEED = 0
+# metrics.ssim_range -> (offset, scale, data_range): SSIM on offset + scale * (uint8 / 255)
+SSIM_RANGES = {"[-1, 1]": (-1.0, 2.0, 2.0), "[0, 1]": (0.0, 1.0, 1.0)}
 
 
 def _pair_float(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,12 +61,16 @@ def psnr_per_image(images: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
     return v.reshape(-1).cpu().numpy().astype(np.float64)
 
 
-def ssim_per_image(images: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
-    """[N] SSIM of uint8 NCHW pairs (torchmetrics defaults, data range 1 on [0, 1])."""
+def ssim_per_image(images: torch.Tensor, recon: torch.Tensor, value_range: str = "[-1, 1]") -> np.ndarray:
+    """[N] SSIM of uint8 NCHW pairs (torchmetrics defaults) with the images in ``value_range``
+    (``SSIM_RANGES``: [-1, 1] with data range 2 as VFM-VAE, or [0, 1] with data range 1)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
+    if value_range not in SSIM_RANGES:
+        raise ValueError(f"SSIM value range must be one of {sorted(SSIM_RANGES)}, got {value_range!r}")
+    offset, scale, data_range = SSIM_RANGES[value_range]
     a, b = _pair_float(images, recon)
-    v = structural_similarity_index_measure(b, a, data_range=1.0, reduction="none")
+    v = structural_similarity_index_measure(offset + scale * b, offset + scale * a, data_range=data_range, reduction="none")
     return v.reshape(-1).cpu().numpy().astype(np.float64)
 
 

@@ -21,6 +21,11 @@ from typing import Any
 import numpy as np
 
 ISC_SEED = 2020
+# metrics.isc_split_order -> how the samples are cut into splits (recorded in each IS row's protocol)
+SPLIT_ORDERS = {
+    "shuffled": f"shuffled (RandomState({ISC_SEED}).permutation), contiguous chunks",  # torch-fidelity, VFM-VAE's rIS
+    "consecutive": "consecutive chunks, not shuffled",  # the ADM evaluator (chunks of 5000: 10 splits of 50k)
+}
 
 
 def _as_float64_2d(x: Any) -> np.ndarray:

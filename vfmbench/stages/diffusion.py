@@ -43,6 +43,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from ..convergence import ConvergenceCurve
 
     dist, d, cfg, device = ctx.dist, ctx.folder, ctx.cfg, ctx.device
+    if cfg.diffusion.weights:  # released or earlier weights: nothing to train, the sample stage loads them
+        return {"skipped": "diffusion.weights is set", "weights": cfg.diffusion.weights}
     tok = ctx.tokenizer()
     data = load_torch(ctx.stage_dir("latents") / "train.pt")
     z = tok.normalize(data["latents"].to(device))
@@ -55,7 +57,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     def get_batch(idx: torch.Tensor):
         idx = idx.to(device)
-        use_flip = torch.rand(idx.shape[0], device=device) < 0.5  # global RNG: restored on resume
+        use_flip = torch.rand(idx.shape[0], device=device) < (0.5 if getattr(model, "train_hflip", True) else 0.0)  # global RNG: restored on resume
         x = torch.where(use_flip.view(-1, 1, 1, 1), zf[idx], z[idx])
         if align is None:
             return x, labels[idx]
@@ -74,7 +76,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             ckpt_path=d / "ckpt.pt", seed=cfg.run.seed + 1, ema_halflife_images=tc.ema_halflife_images,
             ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints, log_every_images=tc.log_every_images or max(tc.batch_size, tc.images // 100),
             grad_accum=tc.grad_accum, log_path=d / "train_log.jsonl", desc="diffusion",
-            precision=cfg.run.precision, compile=cfg.run.compile, compile_backend=cfg.run.compile_backend,
+            precision=tc.precision or cfg.run.precision, compile=cfg.run.compile, compile_backend=cfg.run.compile_backend,
         )
         first = first or result
         if curve is not None:
@@ -95,6 +97,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
 SPEC = StageSpec(
     name="diffusion", description="train the latent diffusion model on the cached latents; writes diffusion/model.pt",
     needs=("tokenizer", "latents"), produces=("diffusion",), parallel=True, order=50, run=run,
+    provided=lambda cfg: "diffusion.weights" if cfg.diffusion.weights else "",
 )
 
 

@@ -27,10 +27,14 @@ def run(ctx: RunContext) -> dict[str, Any]:
         ev.add_samples(images[start:stop].to(ctx.device))
     n = len(ctx.dataset("val"))
     sc = cfg.diffusion.sample
+    from pathlib import Path
+
+    from ..sampling import sampler_protocol
+
     extra = {
-        "sampler": sc.sampler, "steps": sc.steps, "guidance": "cfg" if sc.cfg_scale != 1.0 else "none",
-        "cfg_scale": sc.cfg_scale, "cfg_interval": list(sc.cfg_interval), "timestep_shift": sc.timestep_shift,
+        **sampler_protocol(sc), "diffusion_weights": Path(cfg.diffusion.weights).name if cfg.diffusion.weights else "trained",
         "label_sampling": sc.label_sampling, "sample_precision": cfg.sample_precision,
+        "diffusion_train_precision": cfg.diffusion.train.precision or cfg.run.precision,
         "diffusion_images": cfg.diffusion.train.images,
         "diffusion_epochs": round(cfg.diffusion.train.images / len(ctx.dataset("train")), 4),
     }

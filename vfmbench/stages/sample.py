@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_torch
 from ..context import RunContext
 from ..hookspecs import hookimpl
 from ..images import save_grid
@@ -19,13 +18,13 @@ def run(ctx: RunContext) -> dict[str, Any]:
     comes from a generator seeded by (seed, k), so the images do not depend on the world size;
     under torchrun each rank samples its block of batches and rank 0 writes them all."""
     from ..metrics.adm import write_samples_npz
-    from ..sampling import sample, sample_labels
+    from ..diffusion_weights import sample_to_latents, sampling_model
+    from ..sampling import sample, sample_labels, sample_options
 
     dist, d, cfg = ctx.dist, ctx.folder, ctx.cfg
     tok = ctx.tokenizer()
-    model = ctx.diffusion_model()
-    model.load_state_dict(load_torch(ctx.stage_dir("diffusion") / "model.pt", ctx.device))
-    model.eval()
+    model, loaded = sampling_model(ctx.host, cfg, tok.latent_shape(cfg.data.resolution), ctx.num_classes,
+                                   ctx.device, trained=ctx.stage_dir("diffusion") / "model.pt")
     sc = cfg.diffusion.sample
     gen = torch.Generator(ctx.device).manual_seed(cfg.run.seed + 2)
     labels = sample_labels(sc.num_images, ctx.num_classes, mode=sc.label_sampling, generator=gen).to(ctx.device)
@@ -37,11 +36,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
             y = labels[start:stop]
             g = torch.Generator(ctx.device).manual_seed(dist.derive_seed(cfg.run.seed, "sample", k))
             noise = torch.randn((y.shape[0], *shape), generator=g, device=ctx.device)
-            z = sample(
-                model, noise, y, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale, cfg_interval=tuple(sc.cfg_interval),
-                timestep_shift=sc.timestep_shift, generator=g, precision=cfg.sample_precision,
-            )
-            out.append(tok.decode_uint8(tok.denormalize(z)).cpu())
+            z = sample(model, noise, y, **sample_options(sc), generator=g, precision=cfg.sample_precision)
+            out.append(tok.decode_uint8(sample_to_latents(tok, z, cfg.diffusion)).cpu())
     parts = dist.gather_object(torch.cat(out) if out else None)
     if not dist.is_main():
         return {}
@@ -50,7 +46,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     torch.save(labels.cpu(), d / "labels.pt")
     order = torch.argsort(labels.cpu(), stable=True)[:64]
     save_grid(images[order], d / "samples.png")
-    return {"num_images": int(images.shape[0])}
+    return {"num_images": int(images.shape[0]), "weights": loaded}
 
 
 SPEC = StageSpec(

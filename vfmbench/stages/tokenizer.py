@@ -40,7 +40,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 total_images=st.images, batch_size=tc.batch_size, ckpt_path=d / f"ckpt-{tag}.pt", seed=cfg.run.seed + i,
                 ema_halflife_images=tc.ema_halflife_images, ckpt_every_images=tc.ckpt_every_images, keep_checkpoints=tc.keep_checkpoints,
                 log_every_images=tc.log_every_images, grad_accum=tc.grad_accum, log_path=d / f"train_log-{tag}.jsonl", desc=f"tokenizer {st.name}",
-                precision=cfg.run.precision, compile=cfg.run.compile, compile_backend=cfg.run.compile_backend,
+                precision=tc.precision or cfg.run.precision, compile=cfg.run.compile, compile_backend=cfg.run.compile_backend,
             )
             if ctx.dist.is_main():
                 save_torch(tok.weights_state(), final)
