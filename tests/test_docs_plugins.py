@@ -21,6 +21,8 @@ PRELUDE = "from vfmbench.hookspecs import hookimpl\nfrom vfmbench.specs import *
 def _snippets(monkeypatch) -> dict[str, types.ModuleType]:
     out = {}
     for i, code in enumerate(re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)):
+        if "@hookimpl" not in code:
+            continue  # not a plugin (e.g. a test calling vfmbench.testing)
         mod = types.ModuleType(f"doc_snippet_{i}")
         monkeypatch.setitem(sys.modules, mod.__name__, mod)  # dataclasses look their module up
         exec(compile(PRELUDE + code, f"docs/plugins.md snippet {i}", "exec"), mod.__dict__)
