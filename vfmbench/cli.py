@@ -77,7 +77,8 @@ def cmd_list(args) -> int:
         rows = []
         for s in reg:
             rows.append([s.name, ", ".join(s.aliases), s.library, s.patch_size, s.resolution, s.width, s.depth,
-                         f"{vfm_param_count(s) / 1e6:.1f}M", s.license, s.description])
+                         f"{vfm_param_count(s) / 1e6:.1f}M" if s.adapter is not None else  # a VFM without an adapter: its published figure
+                         (f"{s.published_params / 1e6:.1f}M" if s.published_params else "–"), s.license, s.description])
         headers = ["name", "aliases", "library", "patch", "res", "width", "depth", "params", "licence", "description"]
     elif args.kind == "metrics":
         rows = [[s.name, s.family, "↑" if s.higher_is_better else "↓", s.inputs, f"{s.extractor}/{s.feature}".strip("/"),
@@ -137,9 +138,11 @@ def cmd_run(args) -> int:
     sets = list(args.set or [])
     if args.stages is not None:
         sets.append(f"run.stages={json.dumps(_stages(args.stages))}")
-    cfg = resolve_run_config(host, args.preset, args.config, sets, {
+    from .resolution import resolve_run
+
+    cfg = resolve_run(host, resolve_run_config(host, args.preset, args.config, sets, {
         "tokenizer": args.tokenizer, "vfm": args.vfm, "decoder": args.decoder, "diffusion": args.diffusion,
-        "dataset": args.dataset, "out": args.out})
+        "dataset": args.dataset, "out": args.out}))  # the one resolution step: validated, then only read
     if args.dry_run:
         from .dryrun import dry_run
 
@@ -158,10 +161,10 @@ def cmd_run(args) -> int:
     from .runner import Run
 
     dist.init_from_env()
-    if cfg.run.num_threads:
+    if cfg.cfg.run.num_threads:
         import torch
 
-        torch.set_num_threads(cfg.run.num_threads)
+        torch.set_num_threads(cfg.cfg.run.num_threads)
     run = Run.prepare(host, cfg)
     run.execute()
     if dist.is_main():

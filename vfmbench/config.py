@@ -25,7 +25,7 @@ from .errors import UserError, did_you_mean
 STAGES = ("tokenizer", "recon-eval", "latents", "latent-eval", "probe", "diffusion", "sample", "gen-eval", "results")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSection:
     seed: int = 0
     out: str = "runs"  # parent folder of run directories
@@ -50,7 +50,7 @@ class RunSection:
         check_compile(self.compile, self.compile_backend)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "shapes"
     root: str = ""  # dataset root (imagefolder: root/{train,val}/<class>/*)
@@ -66,7 +66,7 @@ class DataConfig:
     min_short_side: int = 0  # tokenizer training: only images whose short side is at least this (VFM-VAE: 256); 0 = all
 
 
-@dataclass
+@dataclass(frozen=True)
 class VfmConfig:
     name: str = "siglip"
     weights: str = ""  # local file or folder; else the library's cache; else an error
@@ -79,7 +79,7 @@ class VfmConfig:
     trust_torchscript: bool = False  # read a TorchScript archive as vfm.weights (loading one runs its code; docs/security.md)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     images: int = 0  # training length, counted in images
     batch_size: int = 64  # global batch = per-device batch x world size x grad_accum
@@ -92,7 +92,7 @@ class TrainConfig:
     precision: str = ""  # this stage's training precision (fp32 | bf16 autocast); "" = run.precision
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizerConfig:
     name: str = "vfm-vae"
     weights: str = ""  # load instead of training (tokenizer stage then only loads)
@@ -100,13 +100,13 @@ class TokenizerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecoderConfig:
     name: str = ""  # '' = the tokenizer's default decoder
     args: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleConfig:
     num_images: int = 50000
     sampler: str = "euler"  # euler | heun | euler-maruyama
@@ -121,7 +121,7 @@ class SampleConfig:
     precision: str = ""  # fp32 | bf16 autocast of the sampler's model calls; "" = run.precision
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     name: str = "flow-dit"
     args: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +132,7 @@ class DiffusionConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeConfig:
     pooling: str = "mean"  # mean | flatten
     epochs: int = 100
@@ -141,7 +141,7 @@ class ProbeConfig:
     batch_size: int = 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class LatentMetricsConfig:
     """The ``latent-eval`` stage (vfmbench.latent_eval; docs/latent-metrics.md)."""
 
@@ -159,7 +159,7 @@ class LatentMetricsConfig:
     ifid_alpha: float = 0.5  # iFID: slerp weight
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetricsConfig:
     names: list[str] = field(default_factory=list)  # [] = every registered metric of each family
     inception_weights: str = ""  # torch-fidelity Inception file; default: $TORCH_HOME/hub/checkpoints
@@ -175,12 +175,12 @@ class MetricsConfig:
     latent: LatentMetricsConfig = field(default_factory=LatentMetricsConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZooConfig:
     root: str = ""  # folder of released tokenizers, one subfolder per zoo entry (ROOT/NAME); docs/zoo.md
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataConfig = field(default_factory=DataConfig)

@@ -12,16 +12,14 @@ from .config import RunConfig
 from .plugins import Host
 
 
-def dry_run(host: Host, cfg: RunConfig) -> dict[str, Any]:
-    from pathlib import Path
-
+def dry_run(host: Host, cfg: "RunConfig | ResolvedRun") -> dict[str, Any]:
     from .planner import make_plan
-    from .runner import resolve_stages, run_name, validate
+    from .resolution import ResolvedRun, resolve_run
     from .sampling import sampler_protocol
 
-    validate(host, cfg)
-    cfg = resolve_stages(host, cfg)
-    plan = make_plan(host, cfg.run.stages, Path(cfg.run.out) / run_name(host, cfg), cfg)
+    resolved = cfg if isinstance(cfg, ResolvedRun) else resolve_run(host, cfg)
+    cfg = resolved.cfg
+    plan = make_plan(host, cfg.run.stages, resolved.run_dir, cfg)
     tok_spec = host.tokenizers.get(cfg.tokenizer.name)
     ctx = BuildContext(host=host, config=cfg, meta=True)
     with torch.device("meta"):
@@ -42,7 +40,7 @@ def dry_run(host: Host, cfg: RunConfig) -> dict[str, Any]:
     components["tokenizer"]["trainable_excluding_vfm"] = components["tokenizer"]["trainable"]
     components["diffusion"] = {"name": host.diffusion.get(cfg.diffusion.name).name, **param_counts(diff)}
     return {
-        "run_name": run_name(host, cfg),
+        "run_name": resolved.run_name,
         "latent_shape": list(latent_shape),
         "components": components,
         "sampler_protocol": sampler_protocol(cfg.diffusion.sample),

@@ -80,8 +80,7 @@ class Combination:
 
 def load_sweep(host: Host, path: Path, out: str | None = None, extra_sets: list[str] | None = None) -> tuple[str, Path, list[Combination]]:
     """Read and validate a sweep file: (preset name, out folder, combinations). Writes nothing."""
-    from .config import resolve
-    from .runner import resolve_stages, run_name, validate
+    from .resolution import resolve_run
 
     if not path.is_file():
         raise UserError(f"sweep file {str(path)!r} does not exist")
@@ -112,10 +111,8 @@ def load_sweep(host: Host, path: Path, out: str | None = None, extra_sets: list[
         if out_dir:
             layers.append({"run": {"out": str(out_dir)}})
         try:
-            cfg = resolve(layers, host.stages.names())
-            validate(host, cfg)
-            cfg = resolve_stages(host, cfg)
-            name = run_name(host, cfg)
+            resolved = resolve_run(host, layers)
+            cfg, name = resolved.cfg, resolved.run_name
         except UserError as e:
             raise UserError(f"sweep combination {json.dumps(combo, sort_keys=True)}: {e}") from None
         if name in seen:
@@ -261,7 +258,7 @@ def _run_slurm(host: Host, path: Path, folder: Path, preset: str, todo: list[Com
             cfg_file = write_resolved_config(c)
             expected = c.cfg.to_dict()
             expected["run"]["out"] = str(Path(c.cfg.run.out).resolve())
-            if resolve([dict(host.presets.get(preset).values), yaml.safe_load(cfg_file.read_text())]).to_dict() != expected:
+            if resolve([dict(host.presets.get(preset).values), yaml.safe_load(cfg_file.read_text())], host.stages.names()).to_dict() != expected:
                 raise RuntimeError(f"{cfg_file} does not reproduce the combination's config")  # a bug, not bad input
             (c.run_dir / "error.txt").unlink(missing_ok=True)
             job = launcher.submit(TorchrunJob(run_module_args(cfg_file.resolve(), preset, plugins_dir), launcher.opts.gpus_per_node,

@@ -139,8 +139,12 @@ def check_vfm(spec: VfmSpec, size: str = "tiny", resolution: int | None = None, 
     check_spec(spec)
     assert isinstance(spec, VfmSpec) and spec.library, f"vfm {spec.name!r}: library is required (named in missing-weights messages)"
     assert spec.resolution > 0 and spec.patch_size > 0 and len(spec.mean) == 3 and len(spec.std) == 3
-    if spec.published_params and spec.adapter is not None:
-        n, pub = vfm_param_count(spec, "full"), spec.published_params
+    if spec.published_params:
+        if spec.adapter is not None:
+            n = vfm_param_count(spec, "full")
+        else:  # no adapter to build on the meta device: the factory's full-size random init
+            n = sum(p.numel() for p in build_vfm(spec, VfmConfig(name=spec.name, size="full", pretrained=False)).parameters())
+        pub = spec.published_params
         digits = str(pub).rstrip("0")  # a rounded figure ("1.1B") is exact to half its last digit
         tol = max(rtol_params * pub, 0.5 * 10 ** (len(str(pub)) - len(digits)))
         assert abs(n - pub) <= tol, \
@@ -247,13 +251,13 @@ def check_stage(spec: StageSpec, host=None) -> None:
     assert spec.name in stage_order(host), f"stage {spec.name!r} is not registered in this host"
 
 
-def check_plugin(plugin: Any, name: str = "plugin-under-test", **tokenizer_sections: dict[str, Any]) -> dict[str, list[str]]:
-    """Register ``plugin`` (a module or object with hook implementations) next to the built-ins; it
-    must load without failing; then every component it registers goes through its check. Returns
-    what it registered."""
+def check_plugin(plugin: Any, name: str = "plugin-under-test", requires: list[tuple[str, Any]] = (), **tokenizer_sections: dict[str, Any]) -> dict[str, list[str]]:
+    """Register ``plugin`` (a module or object with hook implementations) next to the built-ins and
+    the ``(name, plugin)`` pairs it ``requires`` (e.g. the extractor a metric reads); it must load
+    without failing; then every component it registers goes through its check. Returns what it registered."""
     from .plugins import get_plugin_manager
 
-    host = get_plugin_manager(extra_plugins=[(name, plugin)])
+    host = get_plugin_manager(extra_plugins=[*requires, (name, plugin)])
     assert name not in host.failed, f"plugin failed to load: {host.failed[name].error if name in host.failed else ''}"
     components = host.plugins[name].components
     for kind, names in components.items():
