@@ -341,7 +341,7 @@ def test_paper_preset_dry_run_reports_reference_parameter_counts(preset, expecte
     from vfmbench.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["run", "--preset", preset, "--dry-run", "--json", "--set", "metrics.reference=''", "--out", str(tmp_path / "runs")]) == 0
+    assert main(["run", "--preset", preset, "--dry-run", "--json", "--set", "metrics.reference=''", "--set", "vfm.pretrained=false", "--out", str(tmp_path / "runs")]) == 0
     comp = json.loads(capsys.readouterr().out)["components"]
     got = {"tokenizer": comp["tokenizer"]["total"], "tokenizer_trainable": comp["tokenizer"]["trainable"], "decoder": comp.get("decoder", {}).get("total")}
     assert {k: got[k] for k in expected} == expected
