@@ -163,7 +163,7 @@ def test_example_plugin_installs_and_runs(tmp_path):
     assert ex["distribution"] == "vfmbench-example-plugin" and ex["components"] == {"tokenizers": ["patch-ae"]}
     assert not ex["builtin"]
     hidden = json.loads(vfmbench("plugins", "--json", env={**env, "VFMBENCH_LOAD_PLUGINS": ""}).stdout)
-    assert "patch-ae" not in {p["name"] for p in hidden}
+    assert {p["name"]: p["status"] for p in hidden}.get("patch-ae") == "disabled"  # listed, not loaded
     p = vfmbench("run", "--preset", "smoke", "--tokenizer", "patch-ae", "--out", str(tmp_path / "runs"), *FAST, env=env)
     rows = results(Path(p.stdout.strip().splitlines()[-1]))
     assert {r["tokenizer"] for r in rows} == {"patch-ae"} and REQUIRED_METRICS <= {r["metric"] for r in rows}

@@ -79,7 +79,7 @@ def test_imagenet_s_masks_follow_the_image_geometry(tmp_path):
 def _weights(tmp_path):
     base = ["--set", "data.train_images=64", "--set", "data.val_images=48", "--set", "tokenizer.train.images=0", "--set", "metrics.batch_size=16"]
     assert main(["run", "--tokenizer", "kl-vae", "--stages", "tokenizer", "--out", str(tmp_path / "w"), *base]) == 0
-    return next((tmp_path / "w").glob("*/tokenizer/model.pt")), base
+    return next((tmp_path / "w").glob("*/tokenizer/model.safetensors")), base
 
 
 def test_eval_latents_end_to_end(tmp_path, capsys):

@@ -279,10 +279,10 @@ def test_runner_reads_webdataset_shards_with_workers(shards, tmp_path):
     inline, pooled = run("data.num_workers=0"), run("data.num_workers=2")
     ds = inline.dataset("train")
     assert inline.num_classes == 1000 and len(inline.dataset("val")) == 6
-    a, b = list(inline._iter_split("train", 0, "t")), list(pooled._iter_split("train", 0, "t"))
+    a, b = list(inline.iter_split("train", 0, "t")), list(pooled.iter_split("train", 0, "t"))
     assert [len(y) for _, y in a] == [8, 8, 4]
     assert all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
     assert torch.cat([y for _, y in a]).tolist() == ds.labels.tolist()
     idx = torch.tensor([19, 3, 3, 11])
-    x, y = pooled._image_batch("train", idx)
+    x, y = pooled.image_batch("train", idx)
     assert torch.equal(x, torch.stack([ds[int(i)][0] for i in idx])) and y.tolist() == [int(ds.labels[int(i)]) for i in idx]

@@ -140,9 +140,16 @@ def load_torch(path: str | Path, map_location: Any = "cpu", what: str = "") -> A
                 "or a torch state dict of tensors (see docs/security.md)"
             ) from None
         raise UnreadableFileError(f"{label} {_describe(path)} ({text.splitlines()[0][:160]}); write it again or pass another file") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error, KeyError, AttributeError, TypeError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, struct.error, KeyError, AttributeError, TypeError,
+            _SafetensorError) as e:  # torch.load hands a *.safetensors name to safetensors
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise UnreadableFileError(f"{label} {_describe(path)} ({type(e).__name__}: {msg}); write it again or pass another file") from None
+
+
+try:
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # older safetensors
+    from safetensors._safetensors_rust import SafetensorError as _SafetensorError
 
 
 def save_weights(state: Mapping[str, Any], path: str | Path) -> Path:

@@ -800,6 +800,11 @@ def build_vfm(spec: VfmSpec, cfg: VfmConfig, cache_dir: str | Path | None = None
     ``meta=True`` builds the architecture on the meta device without weights (dry runs): shapes
     and parameter counts are real, ``weights_id`` is 'meta', nothing is read or downloaded.
     """
+    if meta and spec.adapter is None:  # a VFM with its own factory: its random-init architecture (on the CPU:
+        import dataclasses  # a factory may compute with its tensors), nothing read or downloaded
+
+        with torch.device("cpu"):
+            return spec.factory(spec, dataclasses.replace(cfg, pretrained=False, weights=""), cache_dir)
     if meta:
         _check_config(spec, cfg)
         with torch.device("meta"):

@@ -66,9 +66,11 @@ class MobileNetV2Vfm(Vfm):
             return STAGE[layer]
         raise UserError(f"vfm {self.spec.name!r} taps layers {list(STAGE)} (or -1..-{len(STAGE)}): the 160-channel stride-32 stage; got {layer}")
 
-    def preprocess(self, images: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, scale: float | None = None, pre_scale: float = 1.0) -> torch.Tensor:
         s = self.input_scale if scale is None else float(scale)
         x = images.to(self.device).float() / 255.0
+        if pre_scale != 1.0:  # the Vfm interface's first resize (VFM-VAE's image-space equivariance)
+            x = F.interpolate(x, scale_factor=float(pre_scale), mode="bilinear", align_corners=False, antialias=pre_scale < 1.0)
         size = (target_size(x.shape[-2], s, self.patch_size), target_size(x.shape[-1], s, self.patch_size))
         if size != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=size[0] < x.shape[-2]).clamp(0, 1)
@@ -76,9 +78,9 @@ class MobileNetV2Vfm(Vfm):
         std = torch.tensor(self.spec.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
-    def forward(self, images: torch.Tensor, layers: Sequence[int] = (-1,), scale: float | None = None) -> VfmTokens:
+    def forward(self, images: torch.Tensor, layers: Sequence[int] = (-1,), scale: float | None = None, pre_scale: float = 1.0) -> VfmTokens:
         index = {int(i): self.hidden_index(int(i)) for i in layers}
-        x = self.preprocess(images, scale)
+        x = self.preprocess(images, scale, pre_scale)
         out: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             for k, block in enumerate(self.model.features[: max(index.values()) + 1]):
