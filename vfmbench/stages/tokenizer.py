@@ -2,6 +2,7 @@
 from its checkpoints) or load ``tokenizer.weights``; writes ``model.safetensors`` and a reconstruction grid."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +68,8 @@ def provided(cfg) -> str:
     """Without this stage, the tokenizer is still defined when it is loaded or not trained."""
     if cfg.tokenizer.weights:
         return "tokenizer.weights"
+    if cfg.zoo.root and (Path(cfg.zoo.root) / cfg.tokenizer.name).exists():
+        return "a released tokenizer under zoo.root"
     return "an untrained tokenizer (tokenizer.train.images=0)" if cfg.tokenizer.train.images <= 0 else ""
 
 
