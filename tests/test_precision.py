@@ -494,8 +494,8 @@ def test_sd_vae_switches_keep_its_outputs_and_gradients(host):
         post = tok.encode(x)
         out = tok.decode(post.mean)
     assert out.is_contiguous() and post.mean.is_contiguous()
-    torch.testing.assert_close(post.mean, ref_post.mean, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(post.mean, ref_post.mean, rtol=1e-4, atol=5e-5)  # NHWC convolutions sum in another order (seen: 1.7e-5 on 2 of 6144 values)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=5e-5)
 
 
 def test_vfm_vae_switches_reach_its_decoder_and_patchgan(host):
