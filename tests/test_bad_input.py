@@ -126,7 +126,7 @@ def make_case_files(tmp: Path) -> dict[str, Path]:
     return f
 
 
-# (id, argv with {placeholders}, exit code, phrase of the message). {out} is the --out folder that must stay empty.
+# (id, argv with {named} fields, exit code, phrase of the message). {out} is the --out folder that must stay empty.
 CASES = [
     # -- malicious pickles at every user-file entry point (zip and legacy formats)
     ("weights-set-zip", ["run", *TINY, *KL, "--out", "{out}", "--set", "tokenizer.weights={evil_zip}"], 2, "refused"),
