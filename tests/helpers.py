@@ -124,3 +124,22 @@ def check_fits_class_conditional_mixture(build: Callable[[tuple[int, ...], int],
     assert accuracy(out) > min_accuracy
     assert accuracy(sample(model, z, labels, steps=10, **guidance)) > min_accuracy
     return model, z, labels, out
+
+
+def make(host, name, *sets, vfm="dinov2", resolution=32, meta=False, preset="smoke"):
+    """A tokenizer built through the public path (preset -> config -> BuildContext -> spec factory)."""
+    from vfmbench.build import BuildContext, build_tokenizer
+    from vfmbench.cli import resolve_run_config
+
+    cfg = resolve_run_config(host, preset, None, [f"data.resolution={resolution}", *sets],
+                             {"tokenizer": name, "vfm": vfm, "decoder": None, "diffusion": None, "dataset": None, "out": None})
+    ctx = BuildContext(host=host, config=cfg, meta=meta)
+    if meta:
+        with torch.device("meta"):
+            return build_tokenizer(ctx)
+    torch.manual_seed(0)
+    return build_tokenizer(ctx)
+
+
+def count(*modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())

@@ -22,26 +22,14 @@ from vfmbench_plugins.losses import feature_regression_loss
 TINY_KL = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
 
+from helpers import count, make
+
 
 def images(n=2, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
 
 
-def make(host, name, *sets, vfm="dinov2", resolution=32, meta=False, preset="smoke"):
-    """A tokenizer built through the public path (preset -> config -> BuildContext -> spec factory)."""
-    cfg = resolve_run_config(host, preset, None, [f"data.resolution={resolution}", *sets],
-                             {"tokenizer": name, "vfm": vfm, "decoder": None, "diffusion": None, "dataset": None, "out": None})
-    ctx = BuildContext(host=host, config=cfg, meta=meta)
-    if meta:
-        with torch.device("meta"):
-            return build_tokenizer(ctx)
-    torch.manual_seed(0)
-    return build_tokenizer(ctx)
-
-
-def count(*modules) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
 
 
 # ---------------------------------------------------------------------------------------------

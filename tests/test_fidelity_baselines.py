@@ -21,21 +21,9 @@ from vfmbench.cli import resolve_run_config
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-
-def make(host, name, *sets, vfm="dinov2", resolution=32, meta=False, preset="smoke"):
-    """A tokenizer built through the public path (preset -> config -> BuildContext -> spec factory)."""
-    cfg = resolve_run_config(host, preset, None, [f"data.resolution={resolution}", *sets],
-                             {"tokenizer": name, "vfm": vfm, "decoder": None, "diffusion": None, "dataset": None, "out": None})
-    ctx = BuildContext(host=host, config=cfg, meta=meta)
-    if meta:
-        with torch.device("meta"):
-            return build_tokenizer(ctx)
-    torch.manual_seed(0)
-    return build_tokenizer(ctx)
+from helpers import count, make
 
 
-def count(*modules) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
 
 
 # LDM autoencoder parameter counts in closed form, from the layer list of CompVis/latent-diffusion
